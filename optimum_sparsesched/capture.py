@@ -1,0 +1,175 @@
+"""Decoder blocks: find them, capture what the model feeds them, and replay them one at a time.
+
+SparseGPT compresses a model block by block: the inputs of block ``i+1`` are the outputs of the already
+compressed block ``i``. For that we need (a) the hidden states entering block 0 for every calibration window and
+(b) the other arguments the model passes to each block — attention masks, rotary ``position_embeddings``,
+ALiBi tensors, ``position_ids`` — which may differ from block to block (Gemma-3 alternates sliding-window and
+global attention, each with its own mask and rotary table).
+
+Capture runs the model's own forward once per window with every block's ``forward`` temporarily replaced by a
+recorder: it stores the block's arguments and returns its input unchanged (in the block's own output structure,
+learnt from one real call of block 0), so no block weights are needed for the capture; the forward is stopped
+after the last block. Only the modules outside the blocks (embeddings, rotary tables, ...) run on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` holding the decoder blocks: the one with the most parameters.
+
+    Returns ``(qualified name, ModuleList)``. Works for ``model.layers`` (Llama, Qwen2, Gemma-3),
+    ``model.decoder.layers`` (OPT), ``transformer.h`` (GPT-2, BLOOM) and most other layouts.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None or best[0] == 0:
+        raise ValueError(f"model: no decoder blocks (nn.ModuleList of layers) found in {type(model).__name__}")
+    return best[1], best[2]
+
+
+def compressible_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) inside a block, by name relative to the block."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out_features, in_features]`` (Conv1D stores it transposed)."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Write ``w`` ``[out_features, in_features]`` back in the module's own layout and dtype."""
+    w = w.t() if isinstance(module, Conv1D) else w
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor in a nested structure of tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """What the blocks are fed during calibration.
+
+    ``hidden``: list (one per window) of block-0 input hidden states ``[1, seq_len, hidden]``, later replaced in
+    place by each block's outputs. ``args[i]``/``kwargs[i]``: the extra positional and keyword arguments of block
+    ``i`` (identical for all windows: same length, no padding). ``returns_tuple``: the block's output structure.
+    """
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    returns_tuple: bool = False
+
+
+def _model_kwargs() -> dict[str, Any]:
+    return {"use_cache": False}
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
+                         storage_device: torch.device | str = "cpu") -> BlockInputs:
+    """Run the model's forward on each window ``[1, seq_len]`` of ``windows`` ``[n, seq_len]`` and record the
+    block inputs. Blocks stay where they are (block 0 visits ``device`` once to learn the output structure);
+    every other module is moved to ``device`` for the capture and moved back afterwards."""
+    _, blocks = find_decoder_blocks(model)
+    captured = BlockInputs(args=[()] * len(blocks), kwargs=[{}] * len(blocks))
+    block_ids = {id(b) for b in blocks}
+    others = [m for m in _top_level_non_block_modules(model, block_ids)]
+    homes = {id(m): _module_device(m) for m in others}
+    originals = [b.forward for b in blocks]
+    first_block_home = _module_device(blocks[0])
+
+    def recorder(index: int):
+        def forward(hidden_states, *args, **kwargs):
+            if index == 0:
+                captured.hidden.append(hidden_states.detach().to(storage_device))
+            if len(captured.hidden) == 1:  # first window: record this block's extra arguments
+                captured.args[index] = to_device(args, storage_device)
+                captured.kwargs[index] = to_device(kwargs, storage_device)
+            if index == 0 and len(captured.hidden) == 1:
+                blocks[0].to(device)
+                out = originals[0](hidden_states, *args, **kwargs)
+                blocks[0].to(first_block_home)
+                captured.returns_tuple = isinstance(out, tuple)
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return (hidden_states, None) if captured.returns_tuple else hidden_states
+        return forward
+
+    try:
+        for m in others:
+            m.to(device)
+        for i, b in enumerate(blocks):
+            b.forward = recorder(i)
+        for row in windows:
+            try:
+                model(input_ids=row.unsqueeze(0).to(device), **_model_kwargs())
+            except _StopForward:
+                pass
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+        for m in others:
+            m.to(homes[id(m)])
+    return captured
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, device: torch.device | str,
+              returns_tuple: bool) -> torch.Tensor:
+    """One block forward on one window: ``hidden`` ``[1, seq_len, hidden]`` -> output hidden states."""
+    out = block(hidden.to(device), *to_device(args, device), **to_device(kwargs, device))
+    return out[0] if returns_tuple else out
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _top_level_non_block_modules(model: nn.Module, block_ids: set[int]) -> list[nn.Module]:
+    """The largest modules that contain no decoder block (embeddings, norms, rotary tables, lm_head ...)."""
+    out: list[nn.Module] = []
+
+    def contains_block(m: nn.Module) -> bool:
+        return any(id(s) in block_ids for s in m.modules())
+
+    def walk(m: nn.Module) -> None:
+        for child in m.children():
+            if id(child) in block_ids:
+                continue
+            if contains_block(child):
+                walk(child)
+            else:
+                out.append(child)
+
+    walk(model)
+    return out

@@ -1,0 +1,181 @@
+"""`compress(model, config)`: the whole sequential SparseGPT pass over a loaded model.
+
+Data path: calibration windows -> block-0 inputs and per-block arguments (:mod:`.capture`) -> for each block:
+Hessians ``H = 2XXᵀ/n`` of every Linear/Conv1D from the current (already compressed upstream) inputs -> per-module
+sparsity from the schedule (:mod:`.schedule`) -> OBS pruning/quantization (:mod:`.obs`) -> the compressed block
+produces the next block's inputs. Only the current block is on the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import calibration_windows
+from .capture import (
+    capture_block_inputs,
+    compressible_modules,
+    find_decoder_blocks,
+    run_block,
+    set_weight_matrix,
+    weight_matrix,
+    _module_device,
+)
+from .config import SparseScheduleConfig
+from .obs import HessianAccumulator, SparseGPT
+from .schedule import uniform_schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionPlan:
+    """Which modules get compressed. ``modules[i]`` maps qualified names to the modules of block ``i``."""
+
+    blocks: nn.ModuleList
+    modules: list[dict[str, nn.Module]]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: m.weight.numel() for group in self.modules for name, m in group.items()}
+
+
+def _is_skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") or ("." + s + ".") in name
+               for s in skip)
+
+
+def plan_compression(model: nn.Module, config: SparseScheduleConfig) -> CompressionPlan:
+    """Find the blocks and their compressible modules; check the config against the model (before any work)."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    all_names = [n for n, _ in model.named_modules()]
+    default_skips = {"lm_head"}
+    for entry in config.modules_to_not_convert:
+        if entry not in default_skips and not any(_is_skipped(n, [entry]) for n in all_names):
+            raise ValueError(f"modules_to_not_convert: {entry!r} matches no module of {type(model).__name__}; "
+                             f"module names look like {all_names[min(5, len(all_names) - 1)]!r}")
+    modules = []
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{i}." if blocks_name else f"{i}."
+        group = {prefix + n: m for n, m in compressible_modules(block).items()
+                 if not _is_skipped(prefix + n, config.modules_to_not_convert)}
+        modules.append(group)
+    if not any(modules):
+        raise ValueError(f"model: {type(model).__name__} has no compressible nn.Linear/Conv1D inside its decoder "
+                         f"blocks (after modules_to_not_convert={config.modules_to_not_convert})")
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    max_positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if max_positions is not None and config.seq_len > max_positions:
+        raise ValueError(f"seq_len: {config.seq_len} is longer than the model's {max_positions} positions; "
+                         f"allowed: 1..{max_positions}")
+    nm = config.nm
+    if nm is not None:
+        for group in modules:
+            for name, m in group.items():
+                cols = weight_matrix(m).shape[1]
+                if cols % nm[1]:
+                    raise ValueError(f"pattern: {config.pattern!r} needs the input size of every module to be a "
+                                     f"multiple of M={nm[1]}; {name} has {cols} inputs")
+    if config.bits is not None and config.group_size != -1:
+        for group in modules:
+            for name, m in group.items():
+                cols = weight_matrix(m).shape[1]
+                if cols % config.group_size:
+                    raise ValueError(f"group_size: {config.group_size} does not divide the {cols} inputs of {name}; "
+                                     "allowed: a divisor of every module's input size, or -1 (per channel)")
+    return CompressionPlan(blocks=blocks, modules=modules)
+
+
+def resolve_tokenizer(config: SparseScheduleConfig, tokenizer: Any, model: nn.Module) -> Any:
+    """The tokenizer object: the argument, else ``config.tokenizer`` (object or name), else the model's path."""
+    tok = tokenizer if tokenizer is not None else config.tokenizer
+    if tok is None:
+        tok = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        if not tok:
+            raise ValueError("tokenizer: the model has no name_or_path; pass tokenizer= (an object or a name/path)")
+    if isinstance(tok, str):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(tok)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"tokenizer: could not load a tokenizer from {tok!r}: {exc}") from exc
+    return tok
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: Any = None) -> nn.Module:
+    """Prune (and optionally quantize) ``model`` in place with SparseGPT under ``config``'s schedule.
+
+    Records ``config.layer_sparsities`` (achieved zero fraction per module) and ``config.layer_errors`` (OBS loss
+    estimate per module), and sets ``model.config.quantization_config = config`` so ``save_pretrained`` keeps it.
+    """
+    if isinstance(config, dict):
+        config = SparseScheduleConfig(**config)
+    plan = plan_compression(model, config)
+    tok = resolve_tokenizer(config, tokenizer, model)
+    windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
+
+    device = compute_device()
+    was_training = model.training
+    model.eval()
+    inputs = capture_block_inputs(model, windows, device)
+    targets = uniform_schedule(plan.sizes, config.sparsity)
+
+    achieved: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    progress = tqdm(list(enumerate(plan.blocks)), desc="sparsegpt", unit="block")
+    for index, block in progress:
+        home = _module_device(block)
+        block.to(device)
+        modules = plan.modules[index]
+        hessians = {name: HessianAccumulator(weight_matrix(m).shape[1], device) for name, m in modules.items()}
+
+        def hook_for(name):
+            def hook(_module, args, _output):
+                try:
+                    hessians[name].add_batch(args[0])
+                except FloatingPointError as exc:
+                    raise FloatingPointError(f"{name}: {exc} (the model overflows in its dtype on this "
+                                             "calibration text; try dtype=torch.float32)") from None
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+        try:
+            for h in inputs.hidden:
+                run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        for name, m in modules.items():
+            W = weight_matrix(m)
+            Q, loss = SparseGPT(W.to(device), hessians[name].H).prune(
+                targets[name], nm=config.nm, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                block_size=config.block_size, damp=config.damp)
+            set_weight_matrix(m, Q)
+            achieved[name] = float((m.weight == 0).sum().item() / m.weight.numel())
+            errors[name] = loss
+            del hessians[name]
+
+        for j, h in enumerate(inputs.hidden):
+            out = run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
+            inputs.hidden[j] = out.to(h.device)
+        block.to(home)
+        progress.set_postfix(err=f"{sum(errors[n] for n in modules):.3g}")
+
+    config.layer_sparsities = achieved
+    config.layer_errors = errors
+    model.config.quantization_config = config
+    if was_training:
+        model.train()
+    return model

@@ -1,0 +1,205 @@
+"""`SparseScheduleConfig`: every option of a compression run, validated at construction.
+
+The config is a transformers `QuantizationConfigMixin` registered under ``quant_method="sparse_schedule"``,
+so it travels in ``config.json`` of a compressed checkpoint. After compression it also holds what was achieved:
+``layer_sparsities`` (fraction of zero weights per compressed module) and ``layer_errors`` (the schedule's
+per-module error estimates, when the schedule computes them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Sequence
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "sparse_schedule"
+
+SCHEDULES = ("uniform",)
+HUB_DATASETS = ("wikitext2", "c4")
+SUPPORTED_BITS = (None, 4, 8)
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"SparseScheduleConfig: `{name}`={value!r} is not valid; allowed: {allowed}.")
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """``"N:M"`` -> ``(N, M)``: N zeros in every M consecutive input columns. ``None`` -> ``None``."""
+    if pattern is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern)) if isinstance(pattern, str) else None
+    if match is None:
+        raise _bad("pattern", pattern, 'None or a string "N:M" with integers 0 < N < M, e.g. "2:4" or "4:8"')
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise _bad("pattern", pattern, 'None or a string "N:M" with integers 0 < N < M, e.g. "2:4" or "4:8"')
+    return n, m
+
+
+class SparseScheduleConfig(QuantizationConfigMixin):
+    """Options of a SparseGPT compression run with a layer-wise sparsity schedule.
+
+    Args:
+        sparsity: target fraction of zeros over all compressed weights, parameter-weighted, ``0 <= s < 1``.
+        schedule: how the target is spread over layers: ``"uniform"`` (the same sparsity in every module).
+        pattern: ``None`` (unstructured) or ``"N:M"``: N zeros in every M consecutive inputs of each output row.
+            Requires ``sparsity == N/M``.
+        bits: ``None`` (no quantization), 4 or 8: GPTQ quantization of the kept weights inside the same OBS pass.
+        group_size: quantization group length along the input dimension, ``-1`` = one grid per output row.
+        sym: symmetric grid (zero point in the middle) instead of an asymmetric min/max grid.
+        dataset: calibration text: a path to a ``.txt`` file or a folder of them, a list of strings, a
+            ``datasets.Dataset`` with a ``"text"`` column, or a hub name (``"wikitext2"``, ``"c4"``, needs network).
+        tokenizer: tokenizer object or name/path; ``None`` uses the model's own path.
+        num_samples, seq_len, seed: ``num_samples`` random windows of ``seq_len`` tokens, drawn with ``seed``.
+        damp: Hessian damping, ``damp * mean(diag H)`` added to the diagonal (escalated on a failed Cholesky).
+        block_size: OBS column block width (lazy batch updates, adaptive mask selection per block).
+        modules_to_not_convert: module names (or name suffixes) left untouched; ``lm_head`` by default.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        schedule: str = "uniform",
+        pattern: str | None = None,
+        bits: int | None = None,
+        group_size: int = 128,
+        sym: bool = False,
+        dataset: Any = "wikitext2",
+        tokenizer: Any = None,
+        num_samples: int = 128,
+        seq_len: int = 2048,
+        seed: int = 0,
+        damp: float = 0.01,
+        block_size: int = 128,
+        modules_to_not_convert: Sequence[str] | None = ("lm_head",),
+        layer_sparsities: dict[str, float] | None = None,
+        layer_errors: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.sparsity = sparsity
+        self.schedule = schedule
+        self.pattern = pattern
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.num_samples = num_samples
+        self.seq_len = seq_len
+        self.seed = seed
+        self.damp = damp
+        self.block_size = block_size
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else []
+        self.layer_sparsities = dict(layer_sparsities) if layer_sparsities else {}
+        self.layer_errors = dict(layer_errors) if layer_errors else {}
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise TypeError(f"SparseScheduleConfig got unknown options: {sorted(kwargs)}")
+        self.post_init()
+
+    # ------------------------------------------------------------------ validation
+    def post_init(self) -> None:
+        """Check every option; raise a ValueError naming the option, its value and what is allowed."""
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s < 1:
+            raise _bad("sparsity", s, "a finite number with 0 <= sparsity < 1")
+        self.sparsity = float(s)
+        if self.schedule not in SCHEDULES:
+            raise _bad("schedule", self.schedule, " | ".join(repr(x) for x in SCHEDULES))
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            self.pattern = f"{nm[0]}:{nm[1]}"
+            if self.schedule != "uniform":
+                raise _bad("schedule", self.schedule, f"'uniform' when pattern={self.pattern!r} (every row of every "
+                           "module then has exactly N/M zeros)")
+            if abs(self.sparsity - nm[0] / nm[1]) > 1e-9:
+                raise _bad("sparsity", self.sparsity, f"{nm[0] / nm[1]} (= N/M) when pattern={self.pattern!r}")
+        if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
+            raise _bad("bits", self.bits, "None, 4 or 8")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
+            self.group_size == -1 or self.group_size > 0
+        ):
+            raise _bad("group_size", self.group_size, "a positive integer or -1 (one grid per output channel)")
+        if not isinstance(self.sym, bool):
+            raise _bad("sym", self.sym, "True or False")
+        for name in ("num_samples", "seq_len", "block_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise _bad(name, v, "a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise _bad("seed", self.seed, "an integer")
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+            raise _bad("damp", d, "a finite number > 0 (fraction of the mean Hessian diagonal)")
+        self.damp = float(d)
+        if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
+            raise _bad("modules_to_not_convert", self.modules_to_not_convert, "a list of non-empty module names")
+        self._check_dataset()
+        if self.tokenizer is not None and isinstance(self.tokenizer, str) and not self.tokenizer.strip():
+            raise _bad("tokenizer", self.tokenizer, "None, a tokenizer object, or a model name/path")
+
+    def _check_dataset(self) -> None:
+        ds = self.dataset
+        if isinstance(ds, str):
+            if ds in HUB_DATASETS or os.path.exists(ds):
+                return
+            raise _bad("dataset", ds, f"a path to an existing .txt file or folder, one of {HUB_DATASETS}, "
+                       "a list of strings, or a datasets.Dataset with a 'text' column")
+        if isinstance(ds, (list, tuple)):
+            if not ds or not all(isinstance(t, str) for t in ds):
+                raise _bad("dataset", f"<list of {len(ds)} items>", "a non-empty list of strings")
+            return
+        column_names = getattr(ds, "column_names", None)
+        if column_names is not None:
+            if "text" not in column_names:
+                raise _bad("dataset", f"<Dataset with columns {column_names}>", "a datasets.Dataset with a 'text' column")
+            return
+        raise _bad("dataset", type(ds).__name__, "str path, hub name, list[str] or datasets.Dataset")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The N:M pattern as integers, or None for unstructured sparsity."""
+        return parse_pattern(self.pattern)
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict for config.json: objects (tokenizer, in-memory datasets) are replaced by descriptions."""
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if key.startswith("_"):
+                continue
+            if key == "tokenizer" and value is not None and not isinstance(value, str):
+                value = getattr(value, "name_or_path", None) or type(value).__name__
+            elif key == "dataset" and not isinstance(value, str):
+                value = f"<{type(value).__name__} of {len(value)} texts>" if hasattr(value, "__len__") else "<in-memory>"
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Rebuild from config.json. A saved in-memory dataset description is not a dataset: keep it for the
+        record but do not validate it (a reloaded checkpoint never calibrates again)."""
+        config_dict = dict(config_dict)
+        dataset = config_dict.get("dataset")
+        restore = isinstance(dataset, str) and dataset.startswith("<")
+        if restore or (isinstance(dataset, str) and dataset not in HUB_DATASETS and not os.path.exists(dataset)):
+            config_dict["dataset"] = "wikitext2"
+        config = cls(**{k: v for k, v in config_dict.items() if k in cls._fields() or k == "quant_method"})
+        if dataset is not None:
+            config.dataset = dataset
+        for key, value in list(kwargs.items()):
+            if hasattr(config, key):
+                setattr(config, key, value)
+                kwargs.pop(key)
+        return (config, kwargs) if return_unused_kwargs else config
+
+    @staticmethod
+    def _fields() -> set[str]:
+        import inspect
+
+        return set(inspect.signature(SparseScheduleConfig.__init__).parameters) - {"self", "kwargs"}

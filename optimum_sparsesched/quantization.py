@@ -1,0 +1,54 @@
+"""GPTQ-style uniform integer grids used inside the OBS pass.
+
+A grid maps a weight ``w`` of one output row to ``q = scale * (clamp(round(w / scale) + zero, 0, maxq) - zero)``
+with ``maxq = 2**bits - 1``. Asymmetric grids span ``[min(w, 0), max(w, 0)]`` of the row (zero is always
+representable, so pruned weights stay exactly 0); symmetric grids span ``[-a, a]``, ``a = max|w|``, with the zero
+point in the middle. Parameters are found per row over a group of columns (``group_size``) or the whole row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class QuantGrid:
+    """Per-row grid parameters for ``bits``-bit quantization. Shapes: ``scale``, ``zero`` are ``[rows, 1]``."""
+
+    def __init__(self, bits: int, sym: bool) -> None:
+        self.bits = bits
+        self.sym = sym
+        self.maxq = 2**bits - 1
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+
+    def find_params(self, w: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fit the grid to ``w`` ``[rows, cols]`` (float32); entries where ``keep`` is False are ignored."""
+        if keep is not None:
+            big = torch.finfo(w.dtype).max
+            xmin = torch.where(keep, w, torch.full_like(w, big)).amin(dim=1)
+            xmax = torch.where(keep, w, torch.full_like(w, -big)).amax(dim=1)
+            empty = ~keep.any(dim=1)
+            xmin = torch.where(empty, torch.zeros_like(xmin), xmin)
+            xmax = torch.where(empty, torch.zeros_like(xmax), xmax)
+        else:
+            xmin, xmax = w.amin(dim=1), w.amax(dim=1)
+        xmin = xmin.clamp(max=0)
+        xmax = xmax.clamp(min=0)
+        if self.sym:
+            xmax = torch.maximum(xmin.abs(), xmax)
+            xmin = -xmax
+        flat = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
+        xmax = torch.where(flat, torch.full_like(xmax, 1.0), xmax)
+        scale = (xmax - xmin) / self.maxq
+        if self.sym:
+            zero = torch.full_like(scale, (self.maxq + 1) / 2)
+        else:
+            zero = torch.round(-xmin / scale)
+        self.scale, self.zero = scale.unsqueeze(1), zero.unsqueeze(1)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """Round ``w`` ``[rows, k]`` onto the grid (returns dequantized float values)."""
+        assert self.scale is not None and self.zero is not None, "find_params first"
+        q = torch.clamp(torch.round(w / self.scale) + self.zero, 0, self.maxq)
+        return self.scale * (q - self.zero)

@@ -1,0 +1,53 @@
+"""`SparseScheduleQuantizer`: the transformers glue that runs :func:`compress` inside ``from_pretrained``.
+
+Load phases (transformers ``HfQuantizer``):
+- ``update_device_map``: with no ``device_map`` the model loads on the CPU; compression moves one decoder block
+  at a time to the GPU (when there is one), so models larger than the GPU can be compressed.
+- ``_process_model_before_weight_loading``: nothing to replace — a compressed checkpoint stores dense weights.
+- ``_process_model_after_weight_loading``: for a model that is not yet compressed, calibrate and compress it now;
+  for a checkpoint that already is (``pre_quantized``), nothing: the weights are loaded as saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer
+
+from .config import SparseScheduleConfig
+
+
+class SparseScheduleQuantizer(HfQuantizer):
+    """Compress-on-load with SparseGPT and a layer-wise sparsity schedule."""
+
+    requires_calibration = False
+    quantization_config: SparseScheduleConfig
+
+    def __init__(self, quantization_config: SparseScheduleConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def update_device_map(self, device_map: dict[str, Any] | None) -> dict[str, Any] | None:
+        if device_map is None and not self.pre_quantized:
+            device_map = {"": torch.device("cpu")}
+        return device_map
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if not self.pre_quantized:
+            from .compress import compress
+
+            compress(model, self.quantization_config)
+        return model
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random models of several families and a small byte-level BPE tokenizer, all offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+import transformers
+
+import optimum_sparsesched  # noqa: F401  (registers the quantization method)
+
+DATA = Path(optimum_sparsesched.__file__).parent / "data"
+CALIBRATION_TEXT = DATA / "calibration.txt"
+VOCAB = 512
+
+
+def make_tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(CALIBRATION_TEXT)], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def tiny_config(family: str, **overrides):
+    """A 2-4 block random config of ``family`` small enough for CPU tests (hidden 64, inputs multiples of 8)."""
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                       **common)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                       **common)
+    elif family == "opt":
+        cfg = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                     word_embed_proj_dim=64, max_position_embeddings=512, **common)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    elif family == "bloom":
+        cfg = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **common)
+    elif family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
+                                            max_position_embeddings=512, **common)
+    else:
+        raise KeyError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+FAMILIES = ["llama", "opt", "gpt2", "bloom", "gemma3", "qwen2"]
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=dtype)
+    return model.eval()
+
+
+@pytest.fixture
+def save_tiny(tmp_path, tokenizer):
+    """Save a tiny random model (and the tokenizer) as a checkpoint folder; returns its path."""
+
+    def save(family: str, seed: int = 0, **overrides) -> Path:
+        path = tmp_path / f"{family}-{seed}"
+        tiny_model(family, seed, **overrides).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    return save
