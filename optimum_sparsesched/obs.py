@@ -51,7 +51,7 @@ class HessianAccumulator:
         m = x.shape[0]
         self.H.mul_(self.n / (self.n + m))
         self.n += m
-        x = x.mul_((2.0 / self.n) ** 0.5)
+        x = x * (2.0 / self.n) ** 0.5  # never in place: x may be the live activation
         self.H.addmm_(x.t(), x)
 
 

