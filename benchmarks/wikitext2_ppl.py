@@ -1,15 +1,11 @@
 #!/usr/bin/env python3
 """Compress a model folder through `from_pretrained(..., quantization_config=SparseScheduleConfig(...))` and report
-WikiText-2 perplexity with the protocol of shared/GPU.md:
+WikiText-2 perplexity with the protocol of shared/GPU.md (see common.py): fp32, `--num-samples` x `--seq-len`
+calibration windows of wikitext2-valid, consecutive 2048-token windows of wikitext2-test (`--eval-windows` caps
+their number for reduced CPU runs).
 
-- calibration: `--num-samples` random `--seq-len`-token windows (seeded) of wikitext2-valid.tokens after replacing
-  " @-@ ", " @,@ ", " @.@ " by "-", ",", ".";
-- evaluation: the lines of wikitext2-test.raw (newlines kept) joined with "\\n\\n", tokenized once, consecutive
-  2048-token windows (`--eval-windows` caps their number for reduced CPU runs), ppl = exp(mean token loss);
-- fp32 model.
-
-    python benchmarks/wikitext2_ppl.py MODEL_DIR --sparsity 0.5 [--pattern 2:4] [--bits 4] [--dense]
-        [--num-samples 128 --seq-len 2048 --eval-windows N] [--json out.json]
+    python benchmarks/wikitext2_ppl.py MODEL_DIR --sparsity 0.5 [--schedule uniform] [--pattern 2:4] [--bits 4]
+        [--dense] [--num-samples 128 --seq-len 2048 --eval-windows N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,19 +14,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def wikitext_calibration_text(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
-    for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
-        text = text.replace(a, b)
-    return [text]
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CALIBRATION_FILE, EVAL_FILE, compress_and_evaluate, wikitext_calibration_text  # noqa: E402
 
 
 def main() -> None:
@@ -46,8 +35,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--eval-seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=None)
-    ap.add_argument("--calib-file", type=Path, default=SHARED / "wikitext2-valid.tokens")
-    ap.add_argument("--eval-file", type=Path, default=SHARED / "wikitext2-test.raw")
+    ap.add_argument("--calib-file", type=Path, default=CALIBRATION_FILE)
+    ap.add_argument("--eval-file", type=Path, default=EVAL_FILE)
     ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--extra", default="{}", help="JSON dict of further SparseScheduleConfig options")
@@ -58,8 +47,7 @@ def main() -> None:
     import optimum_sparsesched as osp
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    row = {"model": a.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows}
+    row = {"model": a.model, "num_samples": a.num_samples, "seq_len": a.seq_len, "eval_windows": a.eval_windows}
     if a.dense:
         dense = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
         if torch.cuda.is_available():
@@ -71,17 +59,11 @@ def main() -> None:
         sparsity=a.sparsity, schedule=a.schedule, pattern=a.pattern, bits=a.bits, group_size=a.group_size,
         sym=a.sym, dataset=wikitext_calibration_text(a.calib_file), tokenizer=tok, num_samples=a.num_samples,
         seq_len=a.seq_len, **json.loads(a.extra))
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, quantization_config=cfg)
-    row["compress_s"] = time.perf_counter() - t0
-    if torch.cuda.is_available():
-        model.cuda()
-    row["ppl"] = osp.perplexity(model, tok, a.eval_file, a.eval_seq_len, a.eval_windows)
-    q = model.config.quantization_config
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in q.layer_sparsities}
-    row["achieved_sparsity"] = sum(sizes[n] * s for n, s in q.layer_sparsities.items()) / sum(sizes.values())
+    row.update(compress_and_evaluate(a.model, tok, cfg, a.eval_file, a.eval_seq_len, a.eval_windows))
+    row.pop("layer_sparsities")
     row.update(sparsity=a.sparsity, schedule=a.schedule, pattern=a.pattern, bits=a.bits,
-               group_size=a.group_size if a.bits else None, command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+               group_size=a.group_size if a.bits else None,
+               command=" ".join(["python", "benchmarks/" + os.path.basename(sys.argv[0])] + sys.argv[1:]))
     print(json.dumps(row, indent=1), flush=True)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,11 @@ from .capture import (
 )
 from .config import SparseScheduleConfig
 from .obs import HessianAccumulator, SparseGPT
-from .schedule import uniform_schedule
+from .schedule import level_schedule, optimal_allocation, owl_schedule, ramp_schedule, uniform_schedule
+from .sensitivity import LayerStatistics, measure_layer_statistics
+
+AUTO_SEARCH_HALF_WIDTH = 0.3  # "auto" ranges are searched inside target ± this, within [0, 0.99]
+RAMP_DEFAULT_HALF_WIDTH = 0.1
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,67 @@ def plan_compression(model: nn.Module, config: SparseScheduleConfig) -> Compress
     return CompressionPlan(blocks=blocks, modules=modules)
 
 
+def allocate_sparsities(plan: CompressionPlan, config: SparseScheduleConfig,
+                        stats: LayerStatistics | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-module target sparsities from the schedule, and the per-module error estimates it used.
+
+    Layers are blocks (``granularity="block"``, all modules of a block share one sparsity) or modules, in depth
+    order; every allocation is parameter-weighted and lands exactly on ``config.sparsity``."""
+    sizes = plan.sizes
+    s = config.sparsity
+    if config.schedule == "uniform" or s == 0:
+        return uniform_schedule(sizes, s), {}
+    if config.granularity == "block":
+        layers = {f"block.{i}": list(group) for i, group in enumerate(plan.modules) if group}
+    else:
+        layers = {name: [name] for group in plan.modules for name in group}
+    layer_sizes = {layer: sum(sizes[n] for n in names) for layer, names in layers.items()}
+    manual = tuple(config.sparsity_range) if config.sparsity_range != "auto" else None
+    estimates: dict[str, float] = {}
+
+    if config.schedule == "ramp":
+        lo, hi = manual or (max(0.0, s - RAMP_DEFAULT_HALF_WIDTH), min(0.99, s + RAMP_DEFAULT_HALF_WIDTH))
+        per_layer = ramp_schedule(layer_sizes, s, lo, hi)
+    elif config.schedule == "owl":
+        assert stats is not None
+        if config.granularity == "block":
+            ratios = {f"block.{i}": stats.owl_ratio_block[i] for i, g in enumerate(plan.modules) if g}
+        else:
+            ratios = {n: stats.owl_ratio_module[n] for n in layers}
+        estimates = {n: ratios[layer] for layer, names in layers.items() for n in names}
+        if manual:
+            per_layer = owl_schedule(ratios, layer_sizes, s, (manual[1] - manual[0]) / 2)
+        else:
+            per_layer = owl_schedule(ratios, layer_sizes, s, config.owl_lambda)
+    else:  # hessian
+        assert stats is not None
+        t = int(round(s * (len(stats.grid) - 1)))
+        local = {layer: sum(stats.curves[n] for n in names) for layer, names in layers.items()}
+        if config.error_metric == "obs":
+            curves = local
+        else:
+            block_of = {n: i for i, group in enumerate(plan.modules) for n in group}
+            block_local = {i: sum(stats.curves[n] for n in group) for i, group in enumerate(plan.modules) if group}
+            factor = {i: stats.block_damage[i] / max(float(block_local[i][t]), 1e-30) for i in block_local}
+            curves = {layer: factor[block_of[names[0]]] * local[layer] for layer, names in layers.items()}
+        errors = {layer: max(float(c[t]), 1e-30) for layer, c in curves.items()}
+        for layer, names in layers.items():
+            layer_local = float(local[layer][t]) or 1.0
+            for n in names:
+                estimates[n] = errors[layer] * float(stats.curves[n][t]) / layer_local
+        if manual:
+            lo, hi = manual
+        else:
+            box = (max(0.0, s - AUTO_SEARCH_HALF_WIDTH), min(0.99, s + AUTO_SEARCH_HALF_WIDTH))
+            grid = stats.grid.tolist()
+            best = optimal_allocation({k: (grid, c.tolist()) for k, c in curves.items()}, layer_sizes, s, *box)
+            lo, hi = min(best.values()), max(best.values())
+            lo, hi = min(lo, s), max(hi, s)
+        config.resolved_range = [lo, hi]
+        per_layer = level_schedule(errors, layer_sizes, s, lo, hi, config.num_levels)
+    return {n: per_layer[layer] for layer, names in layers.items() for n in names}, estimates
+
+
 def resolve_tokenizer(config: SparseScheduleConfig, tokenizer: Any, model: nn.Module) -> Any:
     """The tokenizer object: the argument, else ``config.tokenizer`` (object or name), else the model's path."""
     tok = tokenizer if tokenizer is not None else config.tokenizer
@@ -129,7 +194,12 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, windows, device)
-    targets = uniform_schedule(plan.sizes, config.sparsity)
+    stats = None
+    if config.schedule in ("hessian", "owl") and config.sparsity > 0:
+        probe_index = list(range(min(config.probe_samples, len(windows))))
+        end_to_end = config.schedule == "hessian" and config.error_metric == "kl"
+        stats = measure_layer_statistics(model, plan, inputs, windows, probe_index, config, device, end_to_end)
+    targets, estimates = allocate_sparsities(plan, config, stats)
 
     achieved: dict[str, float] = {}
     errors: dict[str, float] = {}
@@ -174,7 +244,7 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
         progress.set_postfix(err=f"{sum(errors[n] for n in modules):.3g}")
 
     config.layer_sparsities = achieved
-    config.layer_errors = errors
+    config.layer_errors = estimates or errors
     model.config.quantization_config = config
     if was_training:
         model.train()

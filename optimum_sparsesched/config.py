@@ -3,7 +3,8 @@
 The config is a transformers `QuantizationConfigMixin` registered under ``quant_method="sparse_schedule"``,
 so it travels in ``config.json`` of a compressed checkpoint. After compression it also holds what was achieved:
 ``layer_sparsities`` (fraction of zero weights per compressed module) and ``layer_errors`` (the schedule's
-per-module error estimates, when the schedule computes them).
+per-module error estimates, when the schedule computes them) and ``resolved_range`` (the sparsity range the
+schedule used, after ``"auto"`` was resolved).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "sparse_schedule"
 
-SCHEDULES = ("uniform",)
+SCHEDULES = ("hessian", "uniform", "owl", "ramp")
+GRANULARITIES = ("block", "module")
+ERROR_METRICS = ("kl", "obs")
 HUB_DATASETS = ("wikitext2", "c4")
 SUPPORTED_BITS = (None, 4, 8)
 
@@ -44,7 +47,16 @@ class SparseScheduleConfig(QuantizationConfigMixin):
 
     Args:
         sparsity: target fraction of zeros over all compressed weights, parameter-weighted, ``0 <= s < 1``.
-        schedule: how the target is spread over layers: ``"uniform"`` (the same sparsity in every module).
+        schedule: (default ``"hessian"``, ``"uniform"`` with a ``pattern``) how the target is spread over layers: ``"hessian"`` (OBS loss curves from H⁻¹ scaled by each
+            block's measured end-to-end damage, log-level clustering), ``"uniform"``, ``"owl"`` (outlier-weighted
+            layer-wise sparsity) or ``"ramp"`` (linear in depth across ``sparsity_range``).
+        granularity: ``"block"`` (one sparsity per decoder block) or ``"module"`` (one per Linear).
+        sparsity_range: ``(lo, hi)`` with ``0 <= lo <= sparsity <= hi < 1``, or ``"auto"``: for ``"hessian"`` the
+            span of the damage-minimising allocation of the measured curves; for ``"ramp"`` ``sparsity ± 0.1``.
+        num_levels: number of log-error levels of the ``"hessian"`` schedule (1 = uniform).
+        error_metric: ``"kl"`` (end-to-end damage, default) or ``"obs"`` (the paper's local OBS loss, literal).
+        probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
+        owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
         pattern: ``None`` (unstructured) or ``"N:M"``: N zeros in every M consecutive inputs of each output row.
             Requires ``sparsity == N/M``.
         bits: ``None`` (no quantization), 4 or 8: GPTQ quantization of the kept weights inside the same OBS pass.
@@ -62,7 +74,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
     def __init__(
         self,
         sparsity: float = 0.5,
-        schedule: str = "uniform",
+        schedule: str | None = None,
         pattern: str | None = None,
         bits: int | None = None,
         group_size: int = 128,
@@ -75,8 +87,16 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         damp: float = 0.01,
         block_size: int = 128,
         modules_to_not_convert: Sequence[str] | None = ("lm_head",),
+        granularity: str = "block",
+        sparsity_range: Any = "auto",
+        num_levels: int = 5,
+        error_metric: str = "kl",
+        probe_samples: int = 4,
+        owl_m: float = 5.0,
+        owl_lambda: float = 0.08,
         layer_sparsities: dict[str, float] | None = None,
         layer_errors: dict[str, float] | None = None,
+        resolved_range: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -94,8 +114,16 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.damp = damp
         self.block_size = block_size
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else []
+        self.granularity = granularity
+        self.sparsity_range = list(sparsity_range) if isinstance(sparsity_range, (list, tuple)) else sparsity_range
+        self.num_levels = num_levels
+        self.error_metric = error_metric
+        self.probe_samples = probe_samples
+        self.owl_m = owl_m
+        self.owl_lambda = owl_lambda
         self.layer_sparsities = dict(layer_sparsities) if layer_sparsities else {}
         self.layer_errors = dict(layer_errors) if layer_errors else {}
+        self.resolved_range = list(resolved_range) if resolved_range is not None else None
         kwargs.pop("quant_method", None)
         if kwargs:
             raise TypeError(f"SparseScheduleConfig got unknown options: {sorted(kwargs)}")
@@ -108,8 +136,23 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s < 1:
             raise _bad("sparsity", s, "a finite number with 0 <= sparsity < 1")
         self.sparsity = float(s)
+        if self.schedule is None:  # default: the Hessian schedule; N:M patterns are uniform by construction
+            self.schedule = "uniform" if self.pattern is not None else "hessian"
         if self.schedule not in SCHEDULES:
             raise _bad("schedule", self.schedule, " | ".join(repr(x) for x in SCHEDULES))
+        if self.granularity not in GRANULARITIES:
+            raise _bad("granularity", self.granularity, " | ".join(repr(x) for x in GRANULARITIES))
+        if self.error_metric not in ERROR_METRICS:
+            raise _bad("error_metric", self.error_metric, " | ".join(repr(x) for x in ERROR_METRICS))
+        self._check_range()
+        for name in ("num_levels", "probe_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise _bad(name, v, "a positive integer")
+        for name, low in (("owl_m", 0.0), ("owl_lambda", 0.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
+                raise _bad(name, v, "a finite number > 0")
         nm = parse_pattern(self.pattern)
         if nm is not None:
             self.pattern = f"{nm[0]}:{nm[1]}"
@@ -141,6 +184,20 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self._check_dataset()
         if self.tokenizer is not None and isinstance(self.tokenizer, str) and not self.tokenizer.strip():
             raise _bad("tokenizer", self.tokenizer, "None, a tokenizer object, or a model name/path")
+
+    def _check_range(self) -> None:
+        r = self.sparsity_range
+        if r == "auto":
+            return
+        allowed = f'"auto" or (lo, hi) with 0 <= lo <= sparsity={self.sparsity} <= hi < 1'
+        if not isinstance(r, (list, tuple)) or len(r) != 2 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r
+        ):
+            raise _bad("sparsity_range", r, allowed)
+        lo, hi = float(r[0]), float(r[1])
+        if not (0 <= lo <= hi < 1) or not (lo - 1e-9 <= self.sparsity <= hi + 1e-9):
+            raise _bad("sparsity_range", r, allowed)
+        self.sparsity_range = [lo, hi]
 
     def _check_dataset(self) -> None:
         ds = self.dataset

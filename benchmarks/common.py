@@ -1,0 +1,43 @@
+"""Shared pieces of the benchmarks: the WikiText-2 protocol of shared/GPU.md and one compress+evaluate row."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CALIBRATION_FILE = SHARED / "wikitext2-valid.tokens"
+EVAL_FILE = SHARED / "wikitext2-test.raw"
+
+
+def wikitext_calibration_text(path: Path = CALIBRATION_FILE) -> list[str]:
+    """wikitext2-valid.tokens with " @-@ ", " @,@ ", " @.@ " replaced by "-", ",", "." (one document)."""
+    text = Path(path).read_text(encoding="utf-8")
+    for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+        text = text.replace(a, b)
+    return [text]
+
+
+def compress_and_evaluate(model_path: str, tokenizer: Any, config: Any, eval_file: Path = EVAL_FILE,
+                          eval_seq_len: int = 2048, eval_windows: int | None = None) -> dict[str, Any]:
+    """Load ``model_path`` in fp32 with ``quantization_config=config`` (compress on load), then measure perplexity.
+    Returns the row: ppl, compression seconds, achieved weighted sparsity, per-module sparsities."""
+    from transformers import AutoModelForCausalLM
+
+    import optimum_sparsesched as osp
+    from optimum_sparsesched.schedule import weighted_mean
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, quantization_config=config)
+    seconds = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        model.cuda()
+    ppl = osp.perplexity(model, tokenizer, eval_file, eval_seq_len, eval_windows)
+    q = model.config.quantization_config
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in q.layer_sparsities}
+    return {"ppl": ppl, "compress_s": seconds, "achieved_sparsity": weighted_mean(q.layer_sparsities, sizes),
+            "layer_sparsities": q.layer_sparsities, "resolved_range": q.resolved_range,
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}

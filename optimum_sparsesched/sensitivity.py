@@ -1,0 +1,192 @@
+"""Per-layer statistics that non-uniform schedules allocate from, measured on the dense model.
+
+**OBS saliency curve** (Zhang et al., arXiv 2409.20094). With ``U`` the upper Cholesky factor of ``H⁻¹``
+(``H⁻¹ = UᵀU``), removing weight ``w_rq`` while the columns before ``q`` are already fixed and those after it
+compensate costs ``ε_rq = w_rq² / U_qq²`` (``U_qq²`` is the ``(q, q)`` entry of the inverse of the Hessian
+restricted to the columns ``≥ q``: exactly the OBS cost of the SparseGPT scan). The layer's local loss at sparsity
+``s`` is ``L(s) = ½ Σ`` of its ``s``-fraction of smallest ``ε``: a convex, increasing curve read off one sort.
+
+**Why one H⁻¹ per layer is enough ("sequentially pruning all").** SparseGPT prunes column by column; each step
+needs the inverse Hessian of the not-yet-fixed columns. Those inverses are the successive Schur complements of
+``H⁻¹``, and the rows of one Cholesky factor ``U`` of ``H⁻¹`` hold them all: fixing column ``q`` removes row and
+column ``q``, and the next Schur complement's first row is ``U[q+1, q+1:]·U[q+1, q+1]``. Because every row of ``W``
+is pruned in the same column order, the single ``U`` serves all rows and all steps; it only has to be computed once,
+from the Hessian of the layer's (already upstream-compressed) inputs. The same factor gives every ``ε_rq`` above,
+so the estimate costs one sort per layer on top of what pruning computes anyway.
+
+**Why the local loss is not enough, and what we measure instead.** ``L_l(s)`` is in units of the layer's output
+energy, which grows with depth (residual stream scale), and it ignores how much of a layer's error survives to the
+model's output: an error made in block 0 passes through every later block. Read literally, the rule prunes the
+early blocks hardest, which loses to uniform sparsity. So the damage of block ``b`` is measured end to end: on
+``probe_samples`` calibration windows, block ``b`` alone is pruned at the target sparsity with SparseGPT (its
+Hessian from the dense inputs), the perturbed stream runs through the dense blocks after it, and the damage is
+``D_b = mean_tokens KL(p_dense ‖ p_pruned)`` of the next-token distributions. All streams advance together block by
+block (each block visits the device once). The local curve supplies the shape in ``s``:
+``D_b(s) ≈ P_b · L_b(s)`` with the propagation factor ``P_b = D_b / L_b(s_target)``; a module's share of its
+block's damage is its share of ``L_b``.
+
+**OWL statistics.** Wanda scores ``|W_ij| · ||X_j||`` (``||X_j||² ∝ H_jj``) and the fraction of them above
+``M`` × their layer mean.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .capture import BlockInputs, find_decoder_blocks, run_block, set_weight_matrix, weight_matrix, _module_device
+from .obs import HessianAccumulator, SparseGPT, inverse_hessian_cholesky
+
+CURVE_POINTS = 201  # sparsity grid 0, 0.005, ..., 1
+
+
+def saliencies(W: torch.Tensor, H: torch.Tensor, damp: float) -> torch.Tensor:
+    """OBS saliencies ``ε = W² / diag(U)²`` ``[rows, cols]`` (float32), ``U`` = upper Cholesky factor of
+    ``(H + λI)⁻¹``; dead inputs (``H_ii = 0``) cost nothing."""
+    W = W.detach().to(torch.float32)
+    H = H.to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    U, _ = inverse_hessian_cholesky(H, damp)
+    eps = W**2 / torch.diag(U).unsqueeze(0) ** 2
+    eps[:, dead] = 0.0
+    return eps
+
+
+def local_loss_curve(eps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``L(s) = ½ Σ`` of the ``s``-fraction of smallest saliencies, for each ``s`` in ``grid`` -> float64 ``[len(grid)]``."""
+    flat = torch.sort(eps.flatten().double()).values
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64, device=flat.device), torch.cumsum(flat, 0)])
+    idx = torch.round(grid.double().to(flat.device) * flat.numel()).long().clamp(0, flat.numel())
+    return 0.5 * csum[idx].cpu()
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
+    """Fraction of Wanda scores above ``m`` × their mean (over all the given score matrices together)."""
+    total = sum(float(s.double().sum()) for s in scores)
+    count = sum(s.numel() for s in scores)
+    mean = total / count
+    return sum(int((s > m * mean).sum()) for s in scores) / count
+
+
+@dataclass
+class LayerStatistics:
+    """Per-module local loss curves on ``grid``, Wanda scores summary, and per-block end-to-end damage."""
+
+    grid: torch.Tensor
+    curves: dict[str, torch.Tensor] = field(default_factory=dict)
+    owl_ratio_block: list[float] = field(default_factory=list)
+    owl_ratio_module: dict[str, float] = field(default_factory=dict)
+    block_damage: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def logits_from_last_hidden(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor,
+                            returns_tuple: bool) -> torch.Tensor:
+    """Run the model's own head (final norm, projections, lm_head, soft-capping ...) on ``hidden``, the output of
+    its last decoder block, by replacing every block with a pass-through that emits ``hidden``."""
+    _, blocks = find_decoder_blocks(model)
+
+    def emit(h, *args, **kwargs):
+        return (hidden, None) if returns_tuple else hidden
+
+    try:
+        for b in blocks:
+            b.forward = emit
+        return model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+
+
+def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return float((logp_ref.exp() * (logp_ref - logq)).sum(-1).mean())
+
+
+@torch.no_grad()
+def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, windows: torch.Tensor,
+                             probe_index: Sequence[int], config: Any, device: torch.device,
+                             end_to_end: bool) -> LayerStatistics:
+    """Dense pass over the blocks on the probe windows: local loss curves, OWL ratios and (``end_to_end``) the
+    damage ``D_b`` of pruning each block alone at the target sparsity."""
+    grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
+    stats = LayerStatistics(grid=grid)
+    dense = [inputs.hidden[i].clone() for i in probe_index]
+    streams: list[list[torch.Tensor]] = []
+    for index, block in enumerate(plan.blocks):
+        home = _module_device(block)
+        block.to(device)
+        modules = plan.modules[index]
+        hessians = {n: HessianAccumulator(weight_matrix(m).shape[1], device) for n, m in modules.items()}
+        handles = [m.register_forward_hook(lambda _m, a, _o, n=n: hessians[n].add_batch(a[0]))
+                   for n, m in modules.items()]
+        args, kwargs = inputs.args[index], inputs.kwargs[index]
+        try:
+            dense_out = [run_block(block, h, args, kwargs, device, inputs.returns_tuple).to(h.device) for h in dense]
+        finally:
+            for h in handles:
+                h.remove()
+        scores = {}
+        for name, m in modules.items():
+            W, H = weight_matrix(m), hessians[name].H
+            stats.curves[name] = local_loss_curve(saliencies(W, H, config.damp), grid)
+            scores[name] = W.detach().abs().float() * torch.sqrt(torch.diag(H)).unsqueeze(0)
+            stats.owl_ratio_module[name] = outlier_ratio([scores[name]], config.owl_m)
+        stats.owl_ratio_block.append(outlier_ratio(list(scores.values()), config.owl_m))
+        if end_to_end:
+            streams = [[run_block(block, h, args, kwargs, device, inputs.returns_tuple).to(h.device) for h in s]
+                       for s in streams]
+            pruned = copy.deepcopy(block)
+            pruned_modules = dict(pruned.named_modules())
+            prefix = _block_prefix(modules, block)
+            for name in modules:
+                target = pruned_modules[name[len(prefix):]]
+                Q, _ = SparseGPT(weight_matrix(target), hessians[name].H).prune(
+                    config.sparsity, block_size=config.block_size, damp=config.damp)
+                set_weight_matrix(target, Q)
+            streams.append([run_block(pruned, h, args, kwargs, device, inputs.returns_tuple).to(h.device)
+                            for h in dense])
+            del pruned
+        dense = dense_out
+        block.to(home)
+    if end_to_end:
+        stats.block_damage = _stream_damage(model, windows, probe_index, dense, streams, inputs.returns_tuple,
+                                            device)
+    return stats
+
+
+def _block_prefix(modules: dict[str, nn.Module], block: nn.Module) -> str:
+    name = next(iter(modules))
+    inner = {id(m): n for n, m in block.named_modules()}
+    rel = inner[id(modules[name])]
+    return name[: len(name) - len(rel)]
+
+
+def _stream_damage(model, windows, probe_index, dense_final, streams, returns_tuple, device) -> list[float]:
+    """Mean per-token KL(dense ‖ perturbed) of every stream's next-token distribution."""
+    _, blocks = find_decoder_blocks(model)
+    block_ids = {id(b) for b in blocks}
+    from .capture import _top_level_non_block_modules
+
+    others = _top_level_non_block_modules(model, block_ids)
+    homes = {id(m): _module_device(m) for m in others}
+    damage = [0.0] * len(streams)
+    try:
+        for m in others:
+            m.to(device)
+        for w, i in enumerate(probe_index):
+            ids = windows[i].unsqueeze(0).to(device)
+            ref = torch.log_softmax(logits_from_last_hidden(model, ids, dense_final[w].to(device), returns_tuple)
+                                    .float(), dim=-1)
+            for b, stream in enumerate(streams):
+                logits = logits_from_last_hidden(model, ids, stream[w].to(device), returns_tuple)
+                damage[b] += _kl_per_token(ref, logits) / len(probe_index)
+    finally:
+        for m in others:
+            m.to(homes[id(m)])
+    return damage
