@@ -26,8 +26,10 @@ from .capture import (
     weight_matrix,
     _module_device,
 )
+from .checkpoint import BlockCheckpoint, fingerprint
 from .config import SparseScheduleConfig
 from .obs import HessianAccumulator, SparseGPT
+from .serialization import install_atomic_save
 from .schedule import level_schedule, optimal_allocation, owl_schedule, ramp_schedule, uniform_schedule
 from .sensitivity import LayerStatistics, measure_layer_statistics
 
@@ -173,6 +175,28 @@ def resolve_tokenizer(config: SparseScheduleConfig, tokenizer: Any, model: nn.Mo
     return tok
 
 
+def _compress_block(block: nn.Module, modules: dict[str, nn.Module], inputs: Any, index: int,
+                    targets: dict[str, float], config: SparseScheduleConfig, device: torch.device,
+                    achieved: dict[str, float], errors: dict[str, float]) -> None:
+    """Hessians of every module of one block from its current inputs, then SparseGPT on each module in place."""
+    hessians = {name: HessianAccumulator(weight_matrix(m).shape[1], device, name) for name, m in modules.items()}
+    handles = [m.register_forward_hook(lambda _m, args, _out, n=name: hessians[n].add_batch(args[0]))
+               for name, m in modules.items()]
+    try:
+        for h in inputs.hidden:
+            run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, m in modules.items():
+        Q, loss = SparseGPT(weight_matrix(m).to(device), hessians.pop(name).H).prune(
+            targets[name], nm=config.nm, bits=config.bits, group_size=config.group_size, sym=config.sym,
+            block_size=config.block_size, damp=config.damp)
+        set_weight_matrix(m, Q)
+        achieved[name] = float((m.weight == 0).sum().item() / m.weight.numel())
+        errors[name] = loss
+
+
 def compute_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -191,61 +215,54 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
     windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
 
     device = compute_device()
+    checkpoint = manifest = None
+    if config.checkpoint_dir:
+        checkpoint = BlockCheckpoint(config.checkpoint_dir, fingerprint(config, windows, model))
+        manifest = checkpoint.load()
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, windows, device)
-    stats = None
-    if config.schedule in ("hessian", "owl") and config.sparsity > 0:
-        probe_index = list(range(min(config.probe_samples, len(windows))))
-        end_to_end = config.schedule == "hessian" and config.error_metric == "kl"
-        stats = measure_layer_statistics(model, plan, inputs, windows, probe_index, config, device, end_to_end)
-    targets, estimates = allocate_sparsities(plan, config, stats)
+    if manifest is not None:  # resume: the schedule was measured by the interrupted run
+        targets, estimates = manifest["targets"], manifest["estimates"]
+        config.resolved_range = manifest["resolved_range"]
+        logger.info("resuming from %s after block %d", config.checkpoint_dir, manifest["finished_blocks"] - 1)
+    else:
+        stats = None
+        if config.schedule in ("hessian", "owl") and config.sparsity > 0:
+            probe_index = list(range(min(config.probe_samples, len(windows))))
+            end_to_end = config.schedule == "hessian" and config.error_metric == "kl"
+            stats = measure_layer_statistics(model, plan, inputs, windows, probe_index, config, device, end_to_end)
+        targets, estimates = allocate_sparsities(plan, config, stats)
+        if checkpoint is not None:
+            manifest = checkpoint.start(targets, estimates, config.resolved_range)
+    finished = manifest["finished_blocks"] if manifest is not None else 0
+    achieved: dict[str, float] = dict(manifest["achieved"]) if manifest is not None else {}
+    errors: dict[str, float] = dict(manifest["errors"]) if manifest is not None else {}
 
-    achieved: dict[str, float] = {}
-    errors: dict[str, float] = {}
     progress = tqdm(list(enumerate(plan.blocks)), desc="sparsegpt", unit="block")
     for index, block in progress:
         home = _module_device(block)
         block.to(device)
         modules = plan.modules[index]
-        hessians = {name: HessianAccumulator(weight_matrix(m).shape[1], device) for name, m in modules.items()}
-
-        def hook_for(name):
-            def hook(_module, args, _output):
-                try:
-                    hessians[name].add_batch(args[0])
-                except FloatingPointError as exc:
-                    raise FloatingPointError(f"{name}: {exc} (the model overflows in its dtype on this "
-                                             "calibration text; try dtype=torch.float32)") from None
-            return hook
-
-        handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
-        try:
-            for h in inputs.hidden:
-                run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-        for name, m in modules.items():
-            W = weight_matrix(m)
-            Q, loss = SparseGPT(W.to(device), hessians[name].H).prune(
-                targets[name], nm=config.nm, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                block_size=config.block_size, damp=config.damp)
-            set_weight_matrix(m, Q)
-            achieved[name] = float((m.weight == 0).sum().item() / m.weight.numel())
-            errors[name] = loss
-            del hessians[name]
-
+        if index < finished:
+            saved = checkpoint.load_block(index)
+            for name, m in modules.items():
+                m.weight.data.copy_(saved[name])
+        else:
+            _compress_block(block, modules, inputs, index, targets, config, device, achieved, errors)
         for j, h in enumerate(inputs.hidden):
             out = run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
             inputs.hidden[j] = out.to(h.device)
         block.to(home)
-        progress.set_postfix(err=f"{sum(errors[n] for n in modules):.3g}")
+        if checkpoint is not None and index >= finished:
+            checkpoint.save_block(manifest, index, {n: m.weight for n, m in modules.items()},
+                                  {n: achieved[n] for n in modules}, {n: errors[n] for n in modules})
+        progress.set_postfix(err=f"{sum(errors.get(n, 0.0) for n in modules):.3g}")
 
     config.layer_sparsities = achieved
     config.layer_errors = estimates or errors
     model.config.quantization_config = config
+    install_atomic_save(model)
     if was_training:
         model.train()
     return model

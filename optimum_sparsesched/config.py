@@ -57,6 +57,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         error_metric: ``"kl"`` (end-to-end damage, default) or ``"obs"`` (the paper's local OBS loss, literal).
         probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
+        checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
+            resumes from the last finished block.
         pattern: ``None`` (unstructured) or ``"N:M"``: N zeros in every M consecutive inputs of each output row.
             Requires ``sparsity == N/M``.
         bits: ``None`` (no quantization), 4 or 8: GPTQ quantization of the kept weights inside the same OBS pass.
@@ -92,6 +94,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         num_levels: int = 5,
         error_metric: str = "kl",
         probe_samples: int = 4,
+        checkpoint_dir: str | None = None,
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
         layer_sparsities: dict[str, float] | None = None,
@@ -119,6 +122,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.num_levels = num_levels
         self.error_metric = error_metric
         self.probe_samples = probe_samples
+        self.checkpoint_dir = str(checkpoint_dir) if isinstance(checkpoint_dir, os.PathLike) else checkpoint_dir
         self.owl_m = owl_m
         self.owl_lambda = owl_lambda
         self.layer_sparsities = dict(layer_sparsities) if layer_sparsities else {}
@@ -182,6 +186,10 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
             raise _bad("modules_to_not_convert", self.modules_to_not_convert, "a list of non-empty module names")
         self._check_dataset()
+        cd = self.checkpoint_dir
+        if cd is not None and (not isinstance(cd, str) or not cd or os.path.isfile(cd)):
+            raise _bad("checkpoint_dir", cd, "None or a folder path (created if missing; an existing run there is "
+                       "resumed)")
         if self.tokenizer is not None and isinstance(self.tokenizer, str) and not self.tokenizer.strip():
             raise _bad("tokenizer", self.tokenizer, "None, a tokenizer object, or a model name/path")
 

@@ -39,15 +39,18 @@ MAX_DAMP_ESCALATIONS = 8
 class HessianAccumulator:
     """Running ``H = 2/n Σ x xᵀ`` over calibration tokens, float32 ``[cols, cols]``."""
 
-    def __init__(self, columns: int, device: torch.device) -> None:
+    def __init__(self, columns: int, device: torch.device, name: str = "") -> None:
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.n = 0
+        self.name = name
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` ``[..., cols]`` (any leading shape: every position is one sample)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
         if not torch.isfinite(x).all():
-            raise FloatingPointError("non-finite calibration activations")
+            raise FloatingPointError(
+                f"{self.name or 'a module'}: non-finite calibration activations (NaN/Inf) at its input; the model "
+                "overflows in its dtype on this text (try dtype=torch.float32) or its weights hold NaN/Inf")
         m = x.shape[0]
         self.H.mul_(self.n / (self.n + m))
         self.n += m

@@ -16,6 +16,7 @@ import torch
 from transformers.quantizers import HfQuantizer
 
 from .config import SparseScheduleConfig
+from .serialization import install_atomic_save
 
 
 class SparseScheduleQuantizer(HfQuantizer):
@@ -43,6 +44,8 @@ class SparseScheduleQuantizer(HfQuantizer):
             from .compress import compress
 
             compress(model, self.quantization_config)
+        else:
+            install_atomic_save(model)
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

@@ -122,7 +122,7 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, w
         home = _module_device(block)
         block.to(device)
         modules = plan.modules[index]
-        hessians = {n: HessianAccumulator(weight_matrix(m).shape[1], device) for n, m in modules.items()}
+        hessians = {n: HessianAccumulator(weight_matrix(m).shape[1], device, n) for n, m in modules.items()}
         handles = [m.register_forward_hook(lambda _m, a, _o, n=n: hessians[n].add_batch(a[0]))
                    for n, m in modules.items()]
         args, kwargs = inputs.args[index], inputs.kwargs[index]

@@ -15,7 +15,7 @@ from conftest import CALIBRATION_TEXT, FAMILIES, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
 from optimum_sparsesched.capture import weight_matrix
 
-SMALL = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=64)
+SMALL = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=64, schedule="uniform")
 
 
 def compressed_modules(model, cfg):

@@ -1,0 +1,137 @@
+"""Reliability: resumable runs, atomic saves, numerical faults, loading without the plugin."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import CALIBRATION_TEXT, tiny_model
+from optimum_sparsesched import SparseScheduleConfig, compress
+from optimum_sparsesched.obs import SparseGPT
+
+TESTS = Path(__file__).parent
+SMALL = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=64, probe_samples=2)
+
+RUN = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_model
+    from transformers import AutoTokenizer
+    import optimum_sparsesched.checkpoint as ck
+    from optimum_sparsesched import SparseScheduleConfig, compress
+    kill_after = int(sys.argv[1])
+    original = ck.BlockCheckpoint.save_block
+    def save_block(self, manifest, index, *a, **k):
+        original(self, manifest, index, *a, **k)
+        if index == kill_after:
+            os._exit(9)  # killed right after block `index` was saved
+    ck.BlockCheckpoint.save_block = save_block
+    model = tiny_model("llama", num_hidden_layers=4)
+    cfg = SparseScheduleConfig(sparsity=0.7, checkpoint_dir=sys.argv[2], **{small!r})
+    compress(model, cfg, tokenizer=AutoTokenizer.from_pretrained(sys.argv[3]))
+    torch.save({{"state": model.state_dict(), "sparsities": cfg.layer_sparsities}}, sys.argv[4])
+""")
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, tokenizer_dir, tokenizer):
+    script = tmp_path / "run.py"
+    script.write_text(RUN.format(tests=str(TESTS), small=SMALL))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "resumed.pt"
+    killed = subprocess.run([sys.executable, str(script), "1", str(ckpt), str(tokenizer_dir), str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["finished_blocks"] == 2 and not out.exists()
+    resumed = subprocess.run([sys.executable, str(script), "-1", str(ckpt), str(tokenizer_dir), str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr or json.loads((ckpt / "manifest.json").read_text())["finished_blocks"] == 4
+
+    reference = tiny_model("llama", num_hidden_layers=4)
+    cfg = SparseScheduleConfig(sparsity=0.7, **SMALL)
+    compress(reference, cfg, tokenizer=tokenizer)
+    got = torch.load(out)
+    assert got["sparsities"] == pytest.approx(cfg.layer_sparsities)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(got["state"][k], v), k
+
+
+def test_fingerprint_mismatch_refuses_to_resume(tmp_path, tokenizer):
+    ckpt = tmp_path / "ckpt"
+    compress(tiny_model("llama"), SparseScheduleConfig(sparsity=0.5, checkpoint_dir=str(ckpt), **SMALL),
+             tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="checkpoint_dir.*refusing to resume"):
+        compress(tiny_model("llama"), SparseScheduleConfig(sparsity=0.6, checkpoint_dir=str(ckpt), **SMALL),
+                 tokenizer=tokenizer)
+
+
+def test_finished_checkpoint_is_reused_without_recompression(tmp_path, tokenizer):
+    ckpt = tmp_path / "ckpt"
+    a = tiny_model("opt")
+    compress(a, SparseScheduleConfig(sparsity=0.5, checkpoint_dir=str(ckpt), **SMALL), tokenizer=tokenizer)
+    b = tiny_model("opt")
+    compress(b, SparseScheduleConfig(sparsity=0.5, checkpoint_dir=str(ckpt), **SMALL), tokenizer=tokenizer)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_save_pretrained_is_atomic(tmp_path, tokenizer, monkeypatch):
+    model = tiny_model("llama")
+    compress(model, SparseScheduleConfig(sparsity=0.5, **SMALL), tokenizer=tokenizer)
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    (out / "NOTES.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    import transformers.modeling_utils
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
+    model.save_pretrained(out)  # a good save keeps unrelated files
+    assert (out / "NOTES.md").read_text() == "mine"
+
+
+def test_non_finite_activations_name_the_module(tokenizer):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("inf")
+    cfg = SparseScheduleConfig(sparsity=0.5, schedule="uniform", **SMALL)
+    with pytest.raises(FloatingPointError, match=r"model\.layers\.1\.(mlp|post|self_attn)"):
+        compress(model, cfg, tokenizer=tokenizer)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(-20, 20), st.sampled_from([0.0, 0.5, 0.9]), st.sampled_from([None, 4]),
+       st.booleans())
+def test_no_weight_is_ever_nan_or_inf(seed, log_scale, sparsity, bits, rank_deficient):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(8, 32, generator=g) * float(torch.exp(torch.tensor(log_scale)))
+    X = torch.randn(64 if not rank_deficient else 3, 32, generator=g) * float(torch.exp(torch.tensor(log_scale / 2)))
+    H = 2 * X.t() @ X / X.shape[0]
+    Q, loss = SparseGPT(W, H).prune(sparsity, bits=bits, group_size=16, block_size=16)
+    assert torch.isfinite(Q).all()
+
+
+def test_loading_without_the_plugin_warns(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    compress(model, SparseScheduleConfig(sparsity=0.5, **SMALL), tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "out")
+    script = (f"from transformers import AutoModelForCausalLM\n"
+              f"m = AutoModelForCausalLM.from_pretrained(r'{tmp_path / 'out'}')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
+    assert run.returncode == 0
+    assert "sparse_schedule" in run.stderr
