@@ -28,6 +28,7 @@ def row_specs(target: float) -> dict[str, dict]:
         "paper-literal": dict(schedule="hessian", error_metric="obs", sparsity_range=manual),
         "hessian-manual": dict(schedule="hessian", sparsity_range=manual),
         "hessian-auto": dict(schedule="hessian"),
+        "hessian-alone-auto": dict(schedule="hessian", error_metric="kl-alone"),
         "hessian-auto-module": dict(schedule="hessian", granularity="module"),
     }
 
@@ -87,12 +88,14 @@ def main() -> None:
             rows.append(row)
             tag = f"{name}-{target}" + (f"-int{a.bits}" if a.bits else "")
             (a.out / f"{tag}.json").write_text(json.dumps(row, indent=1))
-            print(f"{target:.2f} {name:22s} ppl {row['ppl']:9.2f}  range {row['resolved_range']}  "
+            rng = [round(x, 3) for x in row["resolved_range"]] if row["resolved_range"] else None
+            print(f"{target:.2f} {name:22s} ppl {row['ppl']:9.2f}  range {rng}  "
                   f"{row['compress_s']:.0f}s  mean {row['achieved_sparsity']:.4f}", flush=True)
     plot(rows, a.out / "layer_sparsity.png")
     print("\n| target | schedule | ppl | range | compress s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['sparsity']} | {r['row']} | {r['ppl']:.2f} | {r['resolved_range'] or '-'} | "
+        rng = "[{:.3f}, {:.3f}]".format(*r["resolved_range"]) if r["resolved_range"] else "-"
+        print(f"| {r['sparsity']} | {r['row']} | {r['ppl']:.2f} | {rng} | "
               f"{r['compress_s']:.0f} |")
 
 

@@ -16,7 +16,7 @@ if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not SparseScheduleConfi
 if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not SparseScheduleQuantizer:
     register_quantizer(QUANT_METHOD)(SparseScheduleQuantizer)
 
-from .compress import compress  # noqa: E402
+from .sequential import compress  # noqa: E402
 from .perplexity import perplexity  # noqa: E402
 
 __all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "compress", "perplexity"]

@@ -20,7 +20,7 @@ QUANT_METHOD = "sparse_schedule"
 
 SCHEDULES = ("hessian", "uniform", "owl", "ramp")
 GRANULARITIES = ("block", "module")
-ERROR_METRICS = ("kl", "obs")
+ERROR_METRICS = ("kl", "kl-alone", "obs")
 HUB_DATASETS = ("wikitext2", "c4")
 SUPPORTED_BITS = (None, 4, 8)
 
@@ -54,7 +54,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         sparsity_range: ``(lo, hi)`` with ``0 <= lo <= sparsity <= hi < 1``, or ``"auto"``: for ``"hessian"`` the
             span of the damage-minimising allocation of the measured curves; for ``"ramp"`` ``sparsity ± 0.1``.
         num_levels: number of log-error levels of the ``"hessian"`` schedule (1 = uniform).
-        error_metric: ``"kl"`` (end-to-end damage, default) or ``"obs"`` (the paper's local OBS loss, literal).
+        error_metric: ``"kl"`` (end-to-end damage of each block in the context of the pruned blocks after it,
+            default), ``"kl-alone"`` (each block pruned alone) or ``"obs"`` (the paper's local OBS loss, literal).
         probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model

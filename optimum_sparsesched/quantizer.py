@@ -41,7 +41,7 @@ class SparseScheduleQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         if not self.pre_quantized:
-            from .compress import compress
+            from .sequential import compress
 
             compress(model, self.quantization_config)
         else:

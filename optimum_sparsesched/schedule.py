@@ -10,8 +10,9 @@ weights to a sparsity ``s_l`` inside a range ``[lo, hi]`` such that the paramete
   ``M`` × their layer mean; ratios min-max scaled to ``[0, 2λ]``; ``s_l = s - (r_l - mean r)`` (more outliers,
   less pruning).
 - ``levels`` (Zhang et al., arXiv 2409.20094): the log of each layer's estimated damage is clustered into
-  ``num_levels`` equal-width levels; the lowest-damage level gets ``hi``, the highest ``lo``, the levels between
-  are spaced linearly, then all are shifted (and clipped to the range) onto the target.
+  ``num_levels`` levels (1-D k-means; equal-width bins let one outlying layer squeeze all others into one level:
+  289 vs 307 ppl at 0.7 on SmolLM2, reduced protocol); the lowest-damage level gets ``hi``, the highest ``lo``,
+  the levels between are spaced linearly, then all are shifted (and clipped to the range) onto the target.
 - ``optimal_allocation``: minimises the predicted damage ``Σ_l D_l(s_l)`` subject to the target mean and the
   range, for convex per-layer damage curves, by bisection on the Lagrange multiplier. It is used to choose the
   range automatically (``sparsity_range="auto"``).
@@ -87,26 +88,43 @@ def owl_schedule(outlier_ratios: Mapping[str, float], sizes: Mapping[str, int], 
     return fit_to_target(base, sizes, target, max(0.0, target - lam), min(0.99, target + lam))
 
 
-def log_levels(errors: Mapping[str, float], num_levels: int) -> dict[str, int]:
-    """Cluster ``log(error)`` into ``num_levels`` equal-width levels: 0 = lowest error."""
+def log_levels(errors: Mapping[str, float], num_levels: int, method: str = "kmeans") -> dict[str, int]:
+    """Cluster ``log(error)`` into at most ``num_levels`` levels, numbered by increasing error (0 = lowest).
+
+    ``"width"``: equal-width bins between the smallest and largest log-error. ``"kmeans"``: 1-D k-means (Lloyd,
+    initialised at quantiles), so a few outlying layers get their own levels instead of squeezing the bulk into one;
+    the used levels are renumbered 0..k-1."""
     names = list(errors)
     logs = torch.tensor([math.log(max(errors[n], 1e-30)) for n in names], dtype=torch.float64)
     lo, hi = float(logs.min()), float(logs.max())
     if num_levels <= 1 or hi - lo < 1e-12:
         return {n: 0 for n in names}
-    idx = ((logs - lo) / (hi - lo) * num_levels).floor().clamp(max=num_levels - 1).long()
-    return {n: int(i) for n, i in zip(names, idx)}
+    if method == "width":
+        idx = ((logs - lo) / (hi - lo) * num_levels).floor().clamp(max=num_levels - 1).long()
+        return {n: int(i) for n, i in zip(names, idx)}
+    centers = torch.quantile(logs, torch.linspace(0, 1, num_levels, dtype=torch.float64)).unique()
+    for _ in range(100):
+        assign = (logs.unsqueeze(1) - centers.unsqueeze(0)).abs().argmin(1)
+        new = torch.stack([logs[assign == k].mean() if (assign == k).any() else centers[k]
+                           for k in range(len(centers))])
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    used = sorted(set(assign.tolist()), key=lambda k: float(centers[k]))
+    rank = {k: r for r, k in enumerate(used)}
+    return {n: rank[int(a)] for n, a in zip(names, assign)}
 
 
 def level_schedule(errors: Mapping[str, float], sizes: Mapping[str, int], target: float, lo: float, hi: float,
-                   num_levels: int) -> dict[str, float]:
+                   num_levels: int, method: str = "kmeans") -> dict[str, float]:
     """The paper's allocation: low-error levels get high sparsity, high-error levels low sparsity, linearly
     across ``[lo, hi]``, then shifted (and clipped) onto the weighted target. Equal errors give uniform."""
-    levels = log_levels(errors, num_levels)
-    used = max(levels.values())
-    if used == 0:
+    levels = log_levels(errors, num_levels, method)
+    top = max(levels.values())
+    if top == 0:
         return uniform_schedule(sizes, target)
-    base = {n: hi - (hi - lo) * k / (num_levels - 1) for n, k in levels.items()}
+    span = num_levels - 1 if method == "width" else top
+    base = {n: hi - (hi - lo) * k / span for n, k in levels.items()}
     return fit_to_target(base, sizes, target, lo, hi)
 
 

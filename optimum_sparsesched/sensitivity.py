@@ -81,7 +81,7 @@ class LayerStatistics:
     curves: dict[str, torch.Tensor] = field(default_factory=dict)
     owl_ratio_block: list[float] = field(default_factory=list)
     owl_ratio_module: dict[str, float] = field(default_factory=dict)
-    block_damage: list[float] = field(default_factory=list)
+    block_damage: dict[str, list[float]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -109,15 +109,20 @@ def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, windows: torch.Tensor,
-                             probe_index: Sequence[int], config: Any, device: torch.device,
-                             end_to_end: bool) -> LayerStatistics:
-    """Dense pass over the blocks on the probe windows: local loss curves, OWL ratios and (``end_to_end``) the
-    damage ``D_b`` of pruning each block alone at the target sparsity."""
+def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, probe_windows: torch.Tensor,
+                             config: Any, device: torch.device, damage_modes: Sequence[str] = ()) -> LayerStatistics:
+    """Dense pass over the blocks on the probe windows ``[p, seq_len]`` (``inputs.hidden[:p]`` are their block-0
+    inputs): local loss curves, OWL ratios and, for each of
+    ``damage_modes``, the end-to-end damage ``D_b`` of pruning block ``b`` at the target sparsity:
+
+    - ``"kl-alone"``: block ``b`` pruned, every other block dense: ``D_b = KL(dense ‖ dense…P_b…dense)``;
+    - ``"kl"``: in context: ``K_b = KL(dense ‖ D_0…D_{b-1} P_b P_{b+1}…P_{L-1})`` (pruned from ``b`` on), and
+      ``D_b = K_b - K_{b+1}``: block ``b``'s marginal share of the final damage, with every later block pruned as
+      it will be (later pruned blocks amplify or absorb an early error; the shares sum to the total ``K_0``)."""
     grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
     stats = LayerStatistics(grid=grid)
-    dense = [inputs.hidden[i].clone() for i in probe_index]
-    streams: list[list[torch.Tensor]] = []
+    dense = [h.clone() for h in inputs.hidden[: len(probe_windows)]]
+    streams: dict[str, list[list[torch.Tensor]]] = {mode: [] for mode in damage_modes}
     for index, block in enumerate(plan.blocks):
         home = _module_device(block)
         block.to(device)
@@ -138,9 +143,7 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, w
             scores[name] = W.detach().abs().float() * torch.sqrt(torch.diag(H)).unsqueeze(0)
             stats.owl_ratio_module[name] = outlier_ratio([scores[name]], config.owl_m)
         stats.owl_ratio_block.append(outlier_ratio(list(scores.values()), config.owl_m))
-        if end_to_end:
-            streams = [[run_block(block, h, args, kwargs, device, inputs.returns_tuple).to(h.device) for h in s]
-                       for s in streams]
+        if damage_modes:
             pruned = copy.deepcopy(block)
             pruned_modules = dict(pruned.named_modules())
             prefix = _block_prefix(modules, block)
@@ -149,14 +152,21 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, w
                 Q, _ = SparseGPT(weight_matrix(target), hessians[name].H).prune(
                     config.sparsity, block_size=config.block_size, damp=config.damp)
                 set_weight_matrix(target, Q)
-            streams.append([run_block(pruned, h, args, kwargs, device, inputs.returns_tuple).to(h.device)
-                            for h in dense])
+            for mode, mode_streams in streams.items():
+                downstream = pruned if mode == "kl" else block
+                mode_streams[:] = [[run_block(downstream, h, args, kwargs, device, inputs.returns_tuple).to(h.device)
+                                    for h in s] for s in mode_streams]
+                mode_streams.append([run_block(pruned, h, args, kwargs, device, inputs.returns_tuple).to(h.device)
+                                     for h in dense])
             del pruned
         dense = dense_out
         block.to(home)
-    if end_to_end:
-        stats.block_damage = _stream_damage(model, windows, probe_index, dense, streams, inputs.returns_tuple,
-                                            device)
+    for mode, mode_streams in streams.items():
+        kl = _stream_damage(model, probe_windows, dense, mode_streams, inputs.returns_tuple, device)
+        if mode == "kl":  # marginal shares of the in-context damage, floored at a small positive value
+            kl = [max(kl[b] - (kl[b + 1] if b + 1 < len(kl) else 0.0), 1e-3 * kl[0] / len(kl) + 1e-12)
+                  for b in range(len(kl))]
+        stats.block_damage[mode] = kl
     return stats
 
 
@@ -167,7 +177,7 @@ def _block_prefix(modules: dict[str, nn.Module], block: nn.Module) -> str:
     return name[: len(name) - len(rel)]
 
 
-def _stream_damage(model, windows, probe_index, dense_final, streams, returns_tuple, device) -> list[float]:
+def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) -> list[float]:
     """Mean per-token KL(dense ‖ perturbed) of every stream's next-token distribution."""
     _, blocks = find_decoder_blocks(model)
     block_ids = {id(b) for b in blocks}
@@ -179,13 +189,13 @@ def _stream_damage(model, windows, probe_index, dense_final, streams, returns_tu
     try:
         for m in others:
             m.to(device)
-        for w, i in enumerate(probe_index):
-            ids = windows[i].unsqueeze(0).to(device)
+        for w in range(len(windows)):
+            ids = windows[w].unsqueeze(0).to(device)
             ref = torch.log_softmax(logits_from_last_hidden(model, ids, dense_final[w].to(device), returns_tuple)
                                     .float(), dim=-1)
             for b, stream in enumerate(streams):
                 logits = logits_from_last_hidden(model, ids, stream[w].to(device), returns_tuple)
-                damage[b] += _kl_per_token(ref, logits) / len(probe_index)
+                damage[b] += _kl_per_token(ref, logits) / len(windows)
     finally:
         for m in others:
             m.to(homes[id(m)])

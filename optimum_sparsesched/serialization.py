@@ -4,7 +4,7 @@
 whole checkpoint into a sibling temporary folder, then swaps it in with renames: the old folder is moved aside,
 the new one renamed into place, the old one deleted. If anything fails before the swap, the temporary folder is
 removed and the old folder is exactly as it was. Files of the old folder that the new checkpoint does not write
-(a README, a license, ...) are carried over, except stale weight files.
+(a README, a license, ...) are carried over, except stale weight files. Under torch.distributed only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.inde
 
 def atomic_save_pretrained(model: Any, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
     """``type(model).save_pretrained`` into a temporary sibling folder, then rename it to ``save_directory``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None  # rank 0 writes the checkpoint
     if kwargs.get("push_to_hub"):  # pushing names the repo after the folder: let transformers handle it directly
         return type(model).save_pretrained(model, save_directory, *args, **kwargs)
     target = Path(save_directory)

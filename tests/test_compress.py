@@ -99,7 +99,7 @@ def test_from_pretrained_then_reload_in_fresh_process(family, save_tiny, tmp_pat
     ids = torch.randint(1, 500, (1, 24), generator=torch.Generator().manual_seed(0))
     torch.save({"ids": ids, "logits": model(input_ids=ids).logits, "state": model.state_dict()}, tmp_path / "ref.pt")
     script = textwrap.dedent(f"""
-        import torch, optimum_sparsesched, optimum_sparsesched.compress as c
+        import torch, optimum_sparsesched, optimum_sparsesched.sequential as c
         from transformers import AutoModelForCausalLM
         def no_calibration(*a, **k): raise AssertionError("reload must not calibrate")
         c.compress = no_calibration

@@ -52,6 +52,9 @@ def test_model_level_checks_before_work(tokenizer):
         compress(model, SparseScheduleConfig(bits=4, group_size=48, dataset=["x"], seq_len=64), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="dataset"):
         compress(model, SparseScheduleConfig(dataset=["too short"], seq_len=64), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="no compressible"):
+        compress(model, SparseScheduleConfig(modules_to_not_convert=["self_attn", "mlp"], dataset=["x"], seq_len=64),
+                 tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tokenizer"):
         compress(model, SparseScheduleConfig(dataset=["x"], seq_len=64, tokenizer="/no/such/tokenizer"))
     assert all((p != 0).all() for n, p in model.named_parameters() if n.endswith("proj.weight"))

@@ -75,9 +75,18 @@ def test_unreachable_range_is_an_error():
         fit_to_target({"a": 0.5}, {"a": 1}, 0.9, 0.1, 0.5)
 
 
-def test_log_levels_cluster_by_orders_of_magnitude():
-    levels = log_levels({"a": 1.0, "b": 1.5, "c": 100.0, "d": 1e4}, 3)
+@pytest.mark.parametrize("method", ["width", "kmeans"])
+def test_log_levels_cluster_by_orders_of_magnitude(method):
+    levels = log_levels({"a": 1.0, "b": 1.5, "c": 100.0, "d": 1e4}, 3, method)
     assert levels["a"] == levels["b"] == 0 and levels["c"] == 1 and levels["d"] == 2
+
+
+def test_kmeans_levels_split_the_bulk_despite_an_outlier():
+    errors = {f"l{i}": 1.0 + 0.1 * i for i in range(10)} | {"outlier": 1e6}
+    width = log_levels(errors, 4, "width")
+    kmeans = log_levels(errors, 4, "kmeans")
+    assert len({width[f"l{i}"] for i in range(10)}) == 1  # equal-width bins lump the bulk together
+    assert len({kmeans[f"l{i}"] for i in range(10)}) >= 2 and kmeans["outlier"] == max(kmeans.values())
 
 
 def test_optimal_allocation_prunes_cheap_layers_harder():
@@ -124,7 +133,7 @@ def test_local_loss_curve_sums_smallest_saliencies():
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", [
-    dict(schedule="hessian"), dict(schedule="hessian", granularity="module"),
+    dict(schedule="hessian"), dict(schedule="hessian", granularity="module"), dict(schedule="hessian", error_metric="kl-alone"),
     dict(schedule="hessian", error_metric="obs", sparsity_range=(0.6, 0.8)), dict(schedule="owl"),
     dict(schedule="ramp", sparsity_range=(0.6, 0.8)),
 ])

@@ -1,4 +1,4 @@
-"""`compress(model, config)`: the whole sequential SparseGPT pass over a loaded model.
+"""The sequential pass: `compress(model, config)` runs SparseGPT block by block over a loaded model.
 
 Data path: calibration windows -> block-0 inputs and per-block arguments (:mod:`.capture`) -> for each block:
 Hessians ``H = 2XXᵀ/n`` of every Linear/Conv1D from the current (already compressed upstream) inputs -> per-module
@@ -28,6 +28,7 @@ from .capture import (
 )
 from .checkpoint import BlockCheckpoint, fingerprint
 from .config import SparseScheduleConfig
+from .distributed import DistributedContext, init_distributed
 from .obs import HessianAccumulator, SparseGPT
 from .serialization import install_atomic_save
 from .schedule import level_schedule, optimal_allocation, owl_schedule, ramp_schedule, uniform_schedule
@@ -138,7 +139,8 @@ def allocate_sparsities(plan: CompressionPlan, config: SparseScheduleConfig,
         else:
             block_of = {n: i for i, group in enumerate(plan.modules) for n in group}
             block_local = {i: sum(stats.curves[n] for n in group) for i, group in enumerate(plan.modules) if group}
-            factor = {i: stats.block_damage[i] / max(float(block_local[i][t]), 1e-30) for i in block_local}
+            damage = stats.block_damage[config.error_metric]
+            factor = {i: damage[i] / max(float(block_local[i][t]), 1e-30) for i in block_local}
             curves = {layer: factor[block_of[names[0]]] * local[layer] for layer, names in layers.items()}
         errors = {layer: max(float(c[t]), 1e-30) for layer, c in curves.items()}
         for layer, names in layers.items():
@@ -177,8 +179,9 @@ def resolve_tokenizer(config: SparseScheduleConfig, tokenizer: Any, model: nn.Mo
 
 def _compress_block(block: nn.Module, modules: dict[str, nn.Module], inputs: Any, index: int,
                     targets: dict[str, float], config: SparseScheduleConfig, device: torch.device,
-                    achieved: dict[str, float], errors: dict[str, float]) -> None:
-    """Hessians of every module of one block from its current inputs, then SparseGPT on each module in place."""
+                    achieved: dict[str, float], errors: dict[str, float], ctx: DistributedContext) -> None:
+    """Hessians of every module of one block from its current inputs (all-reduced over ranks), then SparseGPT on
+    each module (round-robin over ranks, results broadcast), in place."""
     hessians = {name: HessianAccumulator(weight_matrix(m).shape[1], device, name) for name, m in modules.items()}
     handles = [m.register_forward_hook(lambda _m, args, _out, n=name: hessians[n].add_batch(args[0]))
                for name, m in modules.items()]
@@ -188,13 +191,19 @@ def _compress_block(block: nn.Module, modules: dict[str, nn.Module], inputs: Any
     finally:
         for handle in handles:
             handle.remove()
-    for name, m in modules.items():
-        Q, loss = SparseGPT(weight_matrix(m).to(device), hessians.pop(name).H).prune(
-            targets[name], nm=config.nm, bits=config.bits, group_size=config.group_size, sym=config.sym,
-            block_size=config.block_size, damp=config.damp)
-        set_weight_matrix(m, Q)
+    local_errors = {}
+    for k, (name, m) in enumerate(modules.items()):
+        H, _ = ctx.all_reduce_hessian(hessians[name].H, hessians.pop(name).n)
+        if ctx.owner(k) == ctx.rank:
+            Q, local_errors[name] = SparseGPT(weight_matrix(m).to(device), H).prune(
+                targets[name], nm=config.nm, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                block_size=config.block_size, damp=config.damp)
+            set_weight_matrix(m, Q)
+        del H
+    for k, (name, m) in enumerate(modules.items()):
+        ctx.broadcast_(m.weight, src=ctx.owner(k))
         achieved[name] = float((m.weight == 0).sum().item() / m.weight.numel())
-        errors[name] = loss
+    errors.update(ctx.merge_dicts(local_errors))
 
 
 def compute_device() -> torch.device:
@@ -214,6 +223,7 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
     tok = resolve_tokenizer(config, tokenizer, model)
     windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
 
+    ctx = init_distributed()
     device = compute_device()
     checkpoint = manifest = None
     if config.checkpoint_dir:
@@ -221,19 +231,23 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
         manifest = checkpoint.load()
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, windows, device)
+    inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device)
     if manifest is not None:  # resume: the schedule was measured by the interrupted run
         targets, estimates = manifest["targets"], manifest["estimates"]
         config.resolved_range = manifest["resolved_range"]
         logger.info("resuming from %s after block %d", config.checkpoint_dir, manifest["finished_blocks"] - 1)
     else:
-        stats = None
-        if config.schedule in ("hessian", "owl") and config.sparsity > 0:
-            probe_index = list(range(min(config.probe_samples, len(windows))))
-            end_to_end = config.schedule == "hessian" and config.error_metric == "kl"
-            stats = measure_layer_statistics(model, plan, inputs, windows, probe_index, config, device, end_to_end)
-        targets, estimates = allocate_sparsities(plan, config, stats)
-        if checkpoint is not None:
+        plan_result = None
+        if ctx.is_main:
+            stats = None
+            if config.schedule in ("hessian", "owl") and config.sparsity > 0:
+                probe = windows[: config.probe_samples]
+                probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(model, probe, device)
+                modes = [config.error_metric] if config.schedule == "hessian" and config.error_metric != "obs" else []
+                stats = measure_layer_statistics(model, plan, probe_inputs, probe, config, device, modes)
+            plan_result = (*allocate_sparsities(plan, config, stats), config.resolved_range)
+        targets, estimates, config.resolved_range = ctx.broadcast_object(plan_result)
+        if checkpoint is not None and ctx.is_main:
             manifest = checkpoint.start(targets, estimates, config.resolved_range)
     finished = manifest["finished_blocks"] if manifest is not None else 0
     achieved: dict[str, float] = dict(manifest["achieved"]) if manifest is not None else {}
@@ -249,12 +263,12 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
             for name, m in modules.items():
                 m.weight.data.copy_(saved[name])
         else:
-            _compress_block(block, modules, inputs, index, targets, config, device, achieved, errors)
+            _compress_block(block, modules, inputs, index, targets, config, device, achieved, errors, ctx)
         for j, h in enumerate(inputs.hidden):
             out = run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
             inputs.hidden[j] = out.to(h.device)
         block.to(home)
-        if checkpoint is not None and index >= finished:
+        if checkpoint is not None and index >= finished and ctx.is_main:
             checkpoint.save_block(manifest, index, {n: m.weight for n, m in modules.items()},
                                   {n: achieved[n] for n in modules}, {n: errors[n] for n in modules})
         progress.set_postfix(err=f"{sum(errors.get(n, 0.0) for n in modules):.3g}")
@@ -263,6 +277,7 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
     config.layer_errors = estimates or errors
     model.config.quantization_config = config
     install_atomic_save(model)
+    ctx.barrier()
     if was_training:
         model.train()
     return model
