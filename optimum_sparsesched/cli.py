@@ -73,6 +73,10 @@ def _compress(a: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # under torchrun, rank 0 reports and saves
     after = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
     sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in cfg.layer_sparsities}
     mean_sparsity = sum(sizes[n] * s for n, s in cfg.layer_sparsities.items()) / sum(sizes.values())

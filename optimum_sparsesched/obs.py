@@ -2,7 +2,7 @@
 
 Notation (Frantar & Alistarh, 2023). A layer computes ``Y = W X`` with ``W`` ``[rows, cols]`` and calibration
 inputs ``X`` ``[cols, n]``. Its reconstruction loss ``||W X - Ŵ X||²`` has Hessian ``H = 2 X Xᵀ / n``
-``[cols, cols]`` (accumulated in float32 by :class:`HessianAccumulator`).
+``[cols, cols]`` (accumulated in float32 by :class:`.hessian.HessianAccumulator`).
 
 Removing weight ``w_q`` of a row and updating the remaining weights of that row optimally costs
 ``ε_q = w_q² / [H⁻¹]_qq`` and moves the others by ``δ = -(w_q / [H⁻¹]_qq) · H⁻¹_{:,q}``. SparseGPT processes the
@@ -36,28 +36,6 @@ logger = logging.getLogger(__name__)
 MAX_DAMP_ESCALATIONS = 8
 
 
-class HessianAccumulator:
-    """Running ``H = 2/n Σ x xᵀ`` over calibration tokens, float32 ``[cols, cols]``."""
-
-    def __init__(self, columns: int, device: torch.device, name: str = "") -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.n = 0
-        self.name = name
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add inputs ``x`` ``[..., cols]`` (any leading shape: every position is one sample)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(
-                f"{self.name or 'a module'}: non-finite calibration activations (NaN/Inf) at its input; the model "
-                "overflows in its dtype on this text (try dtype=torch.float32) or its weights hold NaN/Inf")
-        m = x.shape[0]
-        self.H.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5  # never in place: x may be the live activation
-        self.H.addmm_(x.t(), x)
-
-
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, escalating λ ×10 on failure.
 
@@ -78,10 +56,31 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
     raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with damping {lam / 10:.3g}")
 
 
-class SparseGPT:
-    """OBS pruning (+ optional quantization) of one weight matrix ``W`` ``[rows, cols]`` given its Hessian."""
+class InverseHessian:
+    """One Hessian prepared for OBS: dead inputs (``H_ii = 0``) marked and given ``H_ii = 1``, and the upper
+    Cholesky factor ``U`` of ``(H + λI)⁻¹`` computed once per damping level, then shared by every module that reads
+    the same input (q/k/v, gate/up)."""
 
-    def __init__(self, weight: torch.Tensor, H: torch.Tensor) -> None:
+    def __init__(self, H: torch.Tensor, damp: float) -> None:
+        H = H.to(torch.float32).clone()
+        self.dead = torch.diag(H) == 0
+        H[self.dead, self.dead] = 1.0
+        self.H = H
+        self.damp = damp
+        self._factors: dict[int, torch.Tensor] = {}
+
+    def factor(self, escalation: int = 0) -> torch.Tensor:
+        """``U`` at damping ``damp · 10^escalation`` (further escalated inside if the Cholesky fails)."""
+        if escalation not in self._factors:
+            self._factors[escalation], _ = inverse_hessian_cholesky(self.H, self.damp * 10.0**escalation)
+        return self._factors[escalation]
+
+
+class SparseGPT:
+    """OBS pruning (+ optional quantization) of one weight matrix ``W`` ``[rows, cols]`` given its Hessian
+    (a ``[cols, cols]`` tensor, or an :class:`InverseHessian` shared with other modules)."""
+
+    def __init__(self, weight: torch.Tensor, H: torch.Tensor | InverseHessian) -> None:
         self.weight = weight
         self.H = H
 
@@ -97,20 +96,18 @@ class SparseGPT:
         damp: float = 0.01,
     ) -> tuple[torch.Tensor, float]:
         """Return ``(Ŵ, loss)``: the pruned/quantized weight (float32, same shape) and the OBS loss estimate
-        ``½ Σ e²`` accumulated over all columns (the increase of ``||WX - ŴX||²/n`` predicted by OBS)."""
+        ``½ Σ e²`` accumulated over all columns (the increase of ``||WX - ŴX||²/n`` predicted by OBS).
+        ``damp`` applies when the Hessian is given as a tensor (an ``InverseHessian`` carries its own)."""
         W = self.weight.detach().to(torch.float32).clone().contiguous()
-        H = self.H.to(device=W.device, dtype=torch.float32).clone()
-        rows, cols = W.shape
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
+        inverse = self.H if isinstance(self.H, InverseHessian) else InverseHessian(self.H.to(W.device), damp)
+        W[:, inverse.dead] = 0.0
 
         grid = QuantGrid(bits, sym) if bits is not None else None
         if grid is not None and group_size == -1:
             grid.find_params(W)
 
         for escalation in range(MAX_DAMP_ESCALATIONS):
-            U, _ = inverse_hessian_cholesky(H, damp * (10.0**escalation))
+            U = inverse.factor(escalation)
             Q, loss = self._scan(W, U, sparsity, nm, grid, group_size, block_size)
             if torch.isfinite(Q).all():
                 return Q, loss

@@ -39,21 +39,19 @@ import torch
 from torch import nn
 
 from .capture import BlockInputs, find_decoder_blocks, run_block, set_weight_matrix, weight_matrix, _module_device
-from .obs import HessianAccumulator, SparseGPT, inverse_hessian_cholesky
+from .hessian import collect_block_hessians
+from .obs import InverseHessian, SparseGPT
 
 CURVE_POINTS = 201  # sparsity grid 0, 0.005, ..., 1
 
 
-def saliencies(W: torch.Tensor, H: torch.Tensor, damp: float) -> torch.Tensor:
+def saliencies(W: torch.Tensor, H: torch.Tensor | InverseHessian, damp: float = 0.01) -> torch.Tensor:
     """OBS saliencies ``ε = W² / diag(U)²`` ``[rows, cols]`` (float32), ``U`` = upper Cholesky factor of
     ``(H + λI)⁻¹``; dead inputs (``H_ii = 0``) cost nothing."""
     W = W.detach().to(torch.float32)
-    H = H.to(device=W.device, dtype=torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    U, _ = inverse_hessian_cholesky(H, damp)
-    eps = W**2 / torch.diag(U).unsqueeze(0) ** 2
-    eps[:, dead] = 0.0
+    inverse = H if isinstance(H, InverseHessian) else InverseHessian(H.to(W.device), damp)
+    eps = W**2 / torch.diag(inverse.factor()).unsqueeze(0) ** 2
+    eps[:, inverse.dead] = 0.0
     return eps
 
 
@@ -127,19 +125,15 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
         home = _module_device(block)
         block.to(device)
         modules = plan.modules[index]
-        hessians = {n: HessianAccumulator(weight_matrix(m).shape[1], device, n) for n, m in modules.items()}
-        handles = [m.register_forward_hook(lambda _m, a, _o, n=n: hessians[n].add_batch(a[0]))
-                   for n, m in modules.items()]
         args, kwargs = inputs.args[index], inputs.kwargs[index]
-        try:
-            dense_out = [run_block(block, h, args, kwargs, device, inputs.returns_tuple).to(h.device) for h in dense]
-        finally:
-            for h in handles:
-                h.remove()
+        dense_out: list[torch.Tensor] = []
+        accumulators = collect_block_hessians(block, modules, inputs, index, device, dense, dense_out)
+        inverses = {id(a): InverseHessian(a.H, config.damp) for a in accumulators.values()}
+        hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
         scores = {}
         for name, m in modules.items():
-            W, H = weight_matrix(m), hessians[name].H
-            stats.curves[name] = local_loss_curve(saliencies(W, H, config.damp), grid)
+            W, H = weight_matrix(m), accumulators[name].H
+            stats.curves[name] = local_loss_curve(saliencies(W, hessians[name]), grid)
             scores[name] = W.detach().abs().float() * torch.sqrt(torch.diag(H)).unsqueeze(0)
             stats.owl_ratio_module[name] = outlier_ratio([scores[name]], config.owl_m)
         stats.owl_ratio_block.append(outlier_ratio(list(scores.values()), config.owl_m))
@@ -149,8 +143,8 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
             prefix = _block_prefix(modules, block)
             for name in modules:
                 target = pruned_modules[name[len(prefix):]]
-                Q, _ = SparseGPT(weight_matrix(target), hessians[name].H).prune(
-                    config.sparsity, block_size=config.block_size, damp=config.damp)
+                Q, _ = SparseGPT(weight_matrix(target), hessians[name]).prune(
+                    config.sparsity, block_size=config.block_size)
                 set_weight_matrix(target, Q)
             for mode, mode_streams in streams.items():
                 downstream = pruned if mode == "kl" else block

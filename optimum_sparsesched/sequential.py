@@ -29,7 +29,8 @@ from .capture import (
 from .checkpoint import BlockCheckpoint, fingerprint
 from .config import SparseScheduleConfig
 from .distributed import DistributedContext, init_distributed
-from .obs import HessianAccumulator, SparseGPT
+from .hessian import collect_block_hessians
+from .obs import InverseHessian, SparseGPT
 from .serialization import install_atomic_save
 from .schedule import level_schedule, optimal_allocation, owl_schedule, ramp_schedule, uniform_schedule
 from .sensitivity import LayerStatistics, measure_layer_statistics
@@ -180,26 +181,21 @@ def resolve_tokenizer(config: SparseScheduleConfig, tokenizer: Any, model: nn.Mo
 def _compress_block(block: nn.Module, modules: dict[str, nn.Module], inputs: Any, index: int,
                     targets: dict[str, float], config: SparseScheduleConfig, device: torch.device,
                     achieved: dict[str, float], errors: dict[str, float], ctx: DistributedContext) -> None:
-    """Hessians of every module of one block from its current inputs (all-reduced over ranks), then SparseGPT on
-    each module (round-robin over ranks, results broadcast), in place."""
-    hessians = {name: HessianAccumulator(weight_matrix(m).shape[1], device, name) for name, m in modules.items()}
-    handles = [m.register_forward_hook(lambda _m, args, _out, n=name: hessians[n].add_batch(args[0]))
-               for name, m in modules.items()]
-    try:
-        for h in inputs.hidden:
-            run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
-    finally:
-        for handle in handles:
-            handle.remove()
+    """Hessians of one block's modules from its current inputs (one per distinct input, all-reduced over ranks),
+    then SparseGPT on each module (round-robin over ranks, results broadcast), in place."""
+    accumulators = collect_block_hessians(block, modules, inputs, index, device)
+    inverses: dict[int, InverseHessian] = {}
+    for acc in dict.fromkeys(accumulators.values()):  # each shared Hessian once, in module order
+        H, _ = ctx.all_reduce_hessian(acc.H, acc.n)
+        inverses[id(acc)] = InverseHessian(H, config.damp)
     local_errors = {}
     for k, (name, m) in enumerate(modules.items()):
-        H, _ = ctx.all_reduce_hessian(hessians[name].H, hessians.pop(name).n)
         if ctx.owner(k) == ctx.rank:
-            Q, local_errors[name] = SparseGPT(weight_matrix(m).to(device), H).prune(
+            Q, local_errors[name] = SparseGPT(weight_matrix(m).to(device), inverses[id(accumulators[name])]).prune(
                 targets[name], nm=config.nm, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                block_size=config.block_size, damp=config.damp)
+                block_size=config.block_size)
             set_weight_matrix(m, Q)
-        del H
+    del inverses, accumulators
     for k, (name, m) in enumerate(modules.items()):
         ctx.broadcast_(m.weight, src=ctx.owner(k))
         achieved[name] = float((m.weight == 0).sum().item() / m.weight.numel())
