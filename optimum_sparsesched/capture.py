@@ -14,8 +14,9 @@ after the last block. Only the modules outside the blocks (embeddings, rotary ta
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -87,10 +88,6 @@ class BlockInputs:
     returns_tuple: bool = False
 
 
-def _model_kwargs() -> dict[str, Any]:
-    return {"use_cache": False}
-
-
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
                          storage_device: torch.device | str = "cpu") -> BlockInputs:
@@ -99,11 +96,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     every other module is moved to ``device`` for the capture and moved back afterwards."""
     _, blocks = find_decoder_blocks(model)
     captured = BlockInputs(args=[()] * len(blocks), kwargs=[{}] * len(blocks))
-    block_ids = {id(b) for b in blocks}
-    others = [m for m in _top_level_non_block_modules(model, block_ids)]
-    homes = {id(m): _module_device(m) for m in others}
     originals = [b.forward for b in blocks]
-    first_block_home = _module_device(blocks[0])
+    first_block_home = module_device(blocks[0])
 
     def recorder(index: int):
         def forward(hidden_states, *args, **kwargs):
@@ -122,22 +116,35 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
             return (hidden_states, None) if captured.returns_tuple else hidden_states
         return forward
 
+    with head_and_embeddings_on(model, device):
+        try:
+            for i, b in enumerate(blocks):
+                b.forward = recorder(i)
+            for row in windows:
+                try:
+                    model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            for b in blocks:
+                b.__dict__.pop("forward", None)
+    return captured
+
+
+@contextmanager
+def head_and_embeddings_on(model: nn.Module, device: torch.device | str) -> Iterator[None]:
+    """Move every module outside the decoder blocks (embeddings, rotary tables, final norm, lm_head) to
+    ``device`` for the duration, then back where each was."""
+    _, blocks = find_decoder_blocks(model)
+    others = non_block_modules(model, {id(b) for b in blocks})
+    homes = [module_device(m) for m in others]
     try:
         for m in others:
             m.to(device)
-        for i, b in enumerate(blocks):
-            b.forward = recorder(i)
-        for row in windows:
-            try:
-                model(input_ids=row.unsqueeze(0).to(device), **_model_kwargs())
-            except _StopForward:
-                pass
+        yield
     finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)
-        for m in others:
-            m.to(homes[id(m)])
-    return captured
+        for m, home in zip(others, homes):
+            m.to(home)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, device: torch.device | str,
@@ -147,7 +154,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict,
     return out[0] if returns_tuple else out
 
 
-def _module_device(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     for b in module.buffers():
@@ -155,7 +162,7 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _top_level_non_block_modules(model: nn.Module, block_ids: set[int]) -> list[nn.Module]:
+def non_block_modules(model: nn.Module, block_ids: set[int]) -> list[nn.Module]:
     """The largest modules that contain no decoder block (embeddings, norms, rotary tables, lm_head ...)."""
     out: list[nn.Module] = []
 

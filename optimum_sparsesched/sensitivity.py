@@ -38,7 +38,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .capture import BlockInputs, find_decoder_blocks, run_block, set_weight_matrix, weight_matrix, _module_device
+from .capture import (
+    BlockInputs,
+    find_decoder_blocks,
+    head_and_embeddings_on,
+    module_device,
+    run_block,
+    set_weight_matrix,
+    weight_matrix,
+)
 from .hessian import collect_block_hessians
 from .obs import InverseHessian, SparseGPT
 
@@ -122,7 +130,7 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
     dense = [h.clone() for h in inputs.hidden[: len(probe_windows)]]
     streams: dict[str, list[list[torch.Tensor]]] = {mode: [] for mode in damage_modes}
     for index, block in enumerate(plan.blocks):
-        home = _module_device(block)
+        home = module_device(block)
         block.to(device)
         modules = plan.modules[index]
         args, kwargs = inputs.args[index], inputs.kwargs[index]
@@ -139,10 +147,10 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
         stats.owl_ratio_block.append(outlier_ratio(list(scores.values()), config.owl_m))
         if damage_modes:
             pruned = copy.deepcopy(block)
+            relative = {id(m): n for n, m in block.named_modules()}
             pruned_modules = dict(pruned.named_modules())
-            prefix = _block_prefix(modules, block)
-            for name in modules:
-                target = pruned_modules[name[len(prefix):]]
+            for name, m in modules.items():
+                target = pruned_modules[relative[id(m)]]
                 Q, _ = SparseGPT(weight_matrix(target), hessians[name]).prune(
                     config.sparsity, block_size=config.block_size)
                 set_weight_matrix(target, Q)
@@ -164,25 +172,10 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
     return stats
 
 
-def _block_prefix(modules: dict[str, nn.Module], block: nn.Module) -> str:
-    name = next(iter(modules))
-    inner = {id(m): n for n, m in block.named_modules()}
-    rel = inner[id(modules[name])]
-    return name[: len(name) - len(rel)]
-
-
 def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) -> list[float]:
     """Mean per-token KL(dense ‖ perturbed) of every stream's next-token distribution."""
-    _, blocks = find_decoder_blocks(model)
-    block_ids = {id(b) for b in blocks}
-    from .capture import _top_level_non_block_modules
-
-    others = _top_level_non_block_modules(model, block_ids)
-    homes = {id(m): _module_device(m) for m in others}
     damage = [0.0] * len(streams)
-    try:
-        for m in others:
-            m.to(device)
+    with head_and_embeddings_on(model, device):
         for w in range(len(windows)):
             ids = windows[w].unsqueeze(0).to(device)
             ref = torch.log_softmax(logits_from_last_hidden(model, ids, dense_final[w].to(device), returns_tuple)
@@ -190,7 +183,4 @@ def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) 
             for b, stream in enumerate(streams):
                 logits = logits_from_last_hidden(model, ids, stream[w].to(device), returns_tuple)
                 damage[b] += _kl_per_token(ref, logits) / len(windows)
-    finally:
-        for m in others:
-            m.to(homes[id(m)])
     return damage

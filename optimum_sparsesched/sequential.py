@@ -24,7 +24,7 @@ from .capture import (
     run_block,
     set_weight_matrix,
     weight_matrix,
-    _module_device,
+    module_device,
 )
 from .checkpoint import BlockCheckpoint, fingerprint
 from .config import SparseScheduleConfig
@@ -251,7 +251,7 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
 
     progress = tqdm(list(enumerate(plan.blocks)), desc="sparsegpt", unit="block")
     for index, block in progress:
-        home = _module_device(block)
+        home = module_device(block)
         block.to(device)
         modules = plan.modules[index]
         if index < finished:

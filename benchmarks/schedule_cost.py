@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Extra wall time of the Hessian schedule over uniform SparseGPT: times the schedule's measurement pass alone
+(capture of the probe windows + dense pass with OBS curves + end-to-end damage streams) at a given protocol, to be
+set against the uniform compression time of the same protocol (benchmarks/wikitext2_ppl.py, compress_s).
+
+    python benchmarks/schedule_cost.py MODEL_DIR --seq-len 2048 --probe-samples 4 [--error-metric kl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import wikitext_calibration_text  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--probe-samples", type=int, default=4)
+    ap.add_argument("--error-metric", default="kl")
+    a = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimum_sparsesched import SparseScheduleConfig
+    from optimum_sparsesched.calibration import calibration_windows
+    from optimum_sparsesched.capture import capture_block_inputs
+    from optimum_sparsesched.sensitivity import measure_layer_statistics
+    from optimum_sparsesched.sequential import allocate_sparsities, compute_device, plan_compression
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    cfg = SparseScheduleConfig(sparsity=a.sparsity, dataset=wikitext_calibration_text(), num_samples=a.probe_samples,
+                               seq_len=a.seq_len, probe_samples=a.probe_samples, error_metric=a.error_metric)
+    device = compute_device()
+    plan = plan_compression(model, cfg)
+    windows = calibration_windows(cfg.dataset, tok, cfg.num_samples, cfg.seq_len, cfg.seed)
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(model, windows, device)
+    stats = measure_layer_statistics(model, plan, inputs, windows, cfg, device, [a.error_metric])
+    allocate_sparsities(plan, cfg, stats)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"schedule_measurement_s": seconds, "probe_samples": a.probe_samples, "seq_len": a.seq_len,
+                      "device": str(device), "threads": torch.get_num_threads(),
+                      "command": " ".join(["python", "benchmarks/schedule_cost.py"] + sys.argv[1:])}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
