@@ -26,9 +26,9 @@ def row_specs(target: float) -> dict[str, dict]:
         "owl": dict(schedule="owl", owl_m=5.0, owl_lambda=0.08),
         "ramp": dict(schedule="ramp", sparsity_range=manual),
         "paper-literal": dict(schedule="hessian", error_metric="obs", sparsity_range=manual),
-        "hessian-manual": dict(schedule="hessian", sparsity_range=manual),
-        "hessian-auto": dict(schedule="hessian"),
-        "hessian-alone-auto": dict(schedule="hessian", error_metric="kl-alone"),
+        "hessian-context-manual": dict(schedule="hessian", error_metric="kl", sparsity_range=manual),
+        "hessian-context-auto": dict(schedule="hessian", error_metric="kl"),
+        "hessian-auto": dict(schedule="hessian"),  # the default: error_metric="kl-alone", auto range
         "hessian-auto-module": dict(schedule="hessian", granularity="module"),
     }
 

@@ -54,8 +54,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         sparsity_range: ``(lo, hi)`` with ``0 <= lo <= sparsity <= hi < 1``, or ``"auto"``: for ``"hessian"`` the
             span of the damage-minimising allocation of the measured curves; for ``"ramp"`` ``sparsity ± 0.1``.
         num_levels: number of log-error levels of the ``"hessian"`` schedule (1 = uniform).
-        error_metric: ``"kl"`` (end-to-end damage of each block in the context of the pruned blocks after it,
-            default), ``"kl-alone"`` (each block pruned alone) or ``"obs"`` (the paper's local OBS loss, literal).
+        error_metric: ``"kl-alone"`` (end-to-end KL damage of each block pruned alone, default), ``"kl"`` (each
+            block's marginal KL damage with the blocks after it pruned too) or ``"obs"`` (the paper's local OBS
+            loss, read literally).
         probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
@@ -93,7 +94,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         granularity: str = "block",
         sparsity_range: Any = "auto",
         num_levels: int = 5,
-        error_metric: str = "kl",
+        error_metric: str = "kl-alone",
         probe_samples: int = 4,
         checkpoint_dir: str | None = None,
         owl_m: float = 5.0,

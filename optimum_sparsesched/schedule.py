@@ -11,7 +11,7 @@ weights to a sparsity ``s_l`` inside a range ``[lo, hi]`` such that the paramete
   less pruning).
 - ``levels`` (Zhang et al., arXiv 2409.20094): the log of each layer's estimated damage is clustered into
   ``num_levels`` levels (1-D k-means; equal-width bins let one outlying layer squeeze all others into one level:
-  289 vs 307 ppl at 0.7 on SmolLM2, reduced protocol); the lowest-damage level gets ``hi``, the highest ``lo``,
+  289 vs 307 ppl at 0.7 on SmolLM2, reduced protocol, manual range); the lowest-damage level gets ``hi``, the highest ``lo``,
   the levels between are spaced linearly, then all are shifted (and clipped to the range) onto the target.
 - ``optimal_allocation``: minimises the predicted damage ``Σ_l D_l(s_l)`` subject to the target mean and the
   range, for convex per-layer damage curves, by bisection on the Lagrange multiplier. It is used to choose the
