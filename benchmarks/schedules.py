@@ -29,7 +29,7 @@ def row_specs(target: float) -> dict[str, dict]:
         "hessian-context-manual": dict(schedule="hessian", error_metric="kl", sparsity_range=manual),
         "hessian-context-auto": dict(schedule="hessian", error_metric="kl"),
         "hessian-auto": dict(schedule="hessian"),  # the default: error_metric="kl-alone", auto range
-        "hessian-auto-module": dict(schedule="hessian", granularity="module"),
+        "hessian-context-auto-module": dict(schedule="hessian", error_metric="kl", granularity="module"),
     }
 
 
@@ -65,7 +65,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--bits", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/schedules"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON rows in --out")
     a = ap.parse_args()
+    if a.plot_only:
+        rows = [json.loads(p.read_text()) for p in sorted(a.out.glob("*.json"))]
+        plot([r for r in rows if r["sparsity"] in a.targets], a.out / "layer_sparsity.png")
+        return
 
     from transformers import AutoTokenizer
 
