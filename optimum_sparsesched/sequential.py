@@ -89,13 +89,6 @@ def plan_compression(model: nn.Module, config: SparseScheduleConfig) -> Compress
                 if cols % nm[1]:
                     raise ValueError(f"pattern: {config.pattern!r} needs the input size of every module to be a "
                                      f"multiple of M={nm[1]}; {name} has {cols} inputs")
-    if config.bits is not None and config.group_size != -1:
-        for group in modules:
-            for name, m in group.items():
-                cols = weight_matrix(m).shape[1]
-                if cols % config.group_size:
-                    raise ValueError(f"group_size: {config.group_size} does not divide the {cols} inputs of {name}; "
-                                     "allowed: a divisor of every module's input size, or -1 (per channel)")
     return CompressionPlan(blocks=blocks, modules=modules)
 
 

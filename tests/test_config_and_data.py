@@ -48,8 +48,6 @@ def test_model_level_checks_before_work(tokenizer):
     with pytest.raises(ValueError, match="modules_to_not_convert"):
         compress(model, SparseScheduleConfig(modules_to_not_convert=["nonexistent_proj"], dataset=["x"], seq_len=64),
                  tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="group_size"):
-        compress(model, SparseScheduleConfig(bits=4, group_size=48, dataset=["x"], seq_len=64), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="dataset"):
         compress(model, SparseScheduleConfig(dataset=["too short"], seq_len=64), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="no compressible"):

@@ -59,6 +59,15 @@ def test_joint_int4_has_at_most_16_values_per_group(sym, group_size):
     assert (Q == 0).float().mean() >= 0.5
 
 
+def test_group_size_not_dividing_the_inputs_leaves_a_shorter_last_group():
+    W, X, H = correlated_layer(rows=8, cols=80)
+    Q, _ = SparseGPT(W, H).prune(0.5, bits=4, group_size=32)  # groups of 32, 32 and 16 columns
+    for row in Q:
+        for group in (row[:32], row[32:64], row[64:]):
+            assert torch.unique(group[group != 0]).numel() <= 16
+    assert torch.isfinite(Q).all()
+
+
 def test_int8_without_pruning_is_close():
     W, X, H = correlated_layer(rows=16, cols=128)
     Q, _ = SparseGPT(W, H).prune(0.0, bits=8, group_size=64)
