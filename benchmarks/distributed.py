@@ -4,9 +4,9 @@ volume per block, on a model folder.
 
     python benchmarks/distributed.py MODEL_DIR --procs 1 2 [--num-samples 16 --seq-len 512 --schedule uniform]
 
-Each process gets OMP_NUM_THREADS = cores / N, so the runs use the same cores. The communication per block is
-exact: the Hessians all-reduced (Σ_modules cols² · 4 bytes) plus the compressed weights broadcast
-(Σ_modules rows · cols · dtype bytes).
+Each process gets OMP_NUM_THREADS = cores / N, so the runs use the same cores. The communication printed per
+block is an upper bound: Σ_modules cols² · 4 bytes of Hessians (modules that read the same input share one, so
+the all-reduce sends fewer) plus the compressed weights broadcast (Σ_modules rows · cols · 4 bytes, fp32 run).
 """
 
 from __future__ import annotations
