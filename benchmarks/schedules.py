@@ -69,6 +69,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.plot_only:
         rows = [json.loads(p.read_text()) for p in sorted(a.out.glob("*.json"))]
+        rows = [r for r in rows if "layer_sparsities" in r and "row" in r]
         plot([r for r in rows if r["sparsity"] in a.targets], a.out / "layer_sparsity.png")
         return
 
