@@ -78,6 +78,7 @@ def _compress(a: argparse.Namespace) -> int:
 
     from . import SparseScheduleConfig, compress, perplexity
     from .default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
+    from .schedule import weighted_mean
 
     embedded = a.model is None
     try:
@@ -112,7 +113,7 @@ def _compress(a: argparse.Namespace) -> int:
         return 0  # under torchrun, rank 0 reports and saves
     after = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
     sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in cfg.layer_sparsities}
-    mean_sparsity = sum(sizes[n] * s for n, s in cfg.layer_sparsities.items()) / sum(sizes.values())
+    mean_sparsity = weighted_mean(cfg.layer_sparsities, sizes)
     summary = {"model": a.model or "SmolLM2-135M (embedded)", "sparsity": round(mean_sparsity, 4),
                "pattern": cfg.pattern, "bits": cfg.bits, "ppl_before": round(before, 3),
                "ppl_after": round(after, 3), "compress_seconds": round(seconds, 1),
