@@ -253,9 +253,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         record but do not validate it (a reloaded checkpoint never calibrates again)."""
         config_dict = dict(config_dict)
         dataset = config_dict.get("dataset")
-        restore = isinstance(dataset, str) and dataset.startswith("<")
-        if restore or (isinstance(dataset, str) and dataset not in HUB_DATASETS and not os.path.exists(dataset)):
-            config_dict["dataset"] = "wikitext2"
+        if isinstance(dataset, str) and dataset not in HUB_DATASETS and not os.path.exists(dataset):
+            config_dict["dataset"] = "wikitext2"  # a description ("<list of N texts>") or a path gone since
         config = cls(**{k: v for k, v in config_dict.items() if k in cls._fields() or k == "quant_method"})
         if dataset is not None:
             config.dataset = dataset

@@ -95,12 +95,10 @@ class LayerStatistics:
 
 
 @torch.no_grad()
-def logits_from_last_hidden(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor,
+def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, hidden: torch.Tensor,
                             returns_tuple: bool) -> torch.Tensor:
     """Run the model's own head (final norm, projections, lm_head, soft-capping ...) on ``hidden``, the output of
-    its last decoder block, by replacing every block with a pass-through that emits ``hidden``."""
-    _, blocks = find_decoder_blocks(model)
-
+    its last decoder block, by replacing every block of ``blocks`` with a pass-through that emits ``hidden``."""
     def emit(h, *args, **kwargs):
         return (hidden, None) if returns_tuple else hidden
 
@@ -179,12 +177,13 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
 def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) -> list[float]:
     """Mean per-token KL(dense ‖ perturbed) of every stream's next-token distribution."""
     damage = [0.0] * len(streams)
+    _, blocks = find_decoder_blocks(model)
     with head_and_embeddings_on(model, device):
         for w in range(len(windows)):
             ids = windows[w].unsqueeze(0).to(device)
-            ref = torch.log_softmax(logits_from_last_hidden(model, ids, dense_final[w].to(device), returns_tuple)
+            ref = torch.log_softmax(logits_from_last_hidden(model, blocks, ids, dense_final[w].to(device), returns_tuple)
                                     .float(), dim=-1)
             for b, stream in enumerate(streams):
-                logits = logits_from_last_hidden(model, ids, stream[w].to(device), returns_tuple)
+                logits = logits_from_last_hidden(model, blocks, ids, stream[w].to(device), returns_tuple)
                 damage[b] += _kl_per_token(ref, logits) / len(windows)
     return damage
