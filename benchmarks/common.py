@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,14 @@ def wikitext_calibration_text(path: Path = CALIBRATION_FILE) -> list[str]:
     for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
         text = text.replace(a, b)
     return [text]
+
+
+def write_result(out: str | Path, result: dict[str, Any]) -> None:
+    """Record the exact command line in ``result`` and write it as JSON to ``out`` (folders created)."""
+    result["command"] = " ".join(["python", "benchmarks/" + os.path.basename(sys.argv[0])] + sys.argv[1:])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
 
 
 def compress_and_evaluate(model_path: str, tokenizer: Any, config: Any, eval_file: Path = EVAL_FILE,

@@ -56,16 +56,21 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     module.weight.data.copy_(w.to(module.weight.dtype))
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor in a nested structure of tuples/lists/dicts to ``device``."""
+def to_device(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """Move every tensor in a nested structure of tuples/lists/dicts to ``device``. With a ``memo`` dict shared
+    between calls, a tensor met again (the same object) is moved once and stays shared."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the source is held so its id is not reused
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -98,14 +103,15 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     captured = BlockInputs(args=[()] * len(blocks), kwargs=[{}] * len(blocks))
     originals = [b.forward for b in blocks]
     first_block_home = module_device(blocks[0])
+    memo: dict[int, Any] = {}  # arguments shared between blocks (rotary tables, masks) are stored once
 
     def recorder(index: int):
         def forward(hidden_states, *args, **kwargs):
             if index == 0:
                 captured.hidden.append(hidden_states.detach().to(storage_device))
             if len(captured.hidden) == 1:  # first window: record this block's extra arguments
-                captured.args[index] = to_device(args, storage_device)
-                captured.kwargs[index] = to_device(kwargs, storage_device)
+                captured.args[index] = to_device(args, storage_device, memo)
+                captured.kwargs[index] = to_device(kwargs, storage_device, memo)
             if index == 0 and len(captured.hidden) == 1:
                 blocks[0].to(device)
                 out = originals[0](hidden_states, *args, **kwargs)
@@ -160,6 +166,16 @@ def module_device(module: nn.Module) -> torch.device:
     for b in module.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def block_device(block: nn.Module, default: torch.device) -> torch.device:
+    """Where a block is compressed: on its own GPU when a ``device_map`` put it there (accelerate's hooks send its
+    inputs there), else on ``default``."""
+    for p in block.parameters():
+        if p.device.type not in ("cpu", "meta"):
+            return p.device
+        break
+    return default
 
 
 def non_block_modules(model: nn.Module, block_ids: set[int]) -> list[nn.Module]:

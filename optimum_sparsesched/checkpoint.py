@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-RESULT_FIELDS = {"layer_sparsities", "layer_errors", "resolved_range", "checkpoint_dir", "tokenizer", "dataset"}
+RESULT_FIELDS = {"layer_sparsities", "layer_errors", "resolved_range", "checkpoint_dir", "tokenizer", "dataset",
+                 "export_format", "eval_results"}
 
 
 def fingerprint(config: Any, windows: torch.Tensor, model: torch.nn.Module) -> str:

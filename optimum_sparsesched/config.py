@@ -4,7 +4,8 @@ The config is a transformers `QuantizationConfigMixin` registered under ``quant_
 so it travels in ``config.json`` of a compressed checkpoint. After compression it also holds what was achieved:
 ``layer_sparsities`` (fraction of zero weights per compressed module) and ``layer_errors`` (the schedule's
 per-module error estimates, when the schedule computes them) and ``resolved_range`` (the sparsity range the
-schedule used, after ``"auto"`` was resolved).
+schedule used, after ``"auto"`` was resolved) and ``eval_results`` (evaluations recorded with
+:func:`optimum_sparsesched.record_eval_result`, shown in the model card).
 """
 
 from __future__ import annotations
@@ -23,10 +24,31 @@ GRANULARITIES = ("block", "module")
 ERROR_METRICS = ("kl", "kl-alone", "obs")
 HUB_DATASETS = ("wikitext2", "c4")
 SUPPORTED_BITS = (None, 4, 8)
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MEMORY_FORMS = ('None, a positive int number of bytes, or a string like "2GiB", "512MB", "1.5GB" '
+                "(units B, KB/MB/GB/TB = powers of 1000, KiB/MiB/GiB/TiB = powers of 1024)")
+EXPORT_FORMATS = ("compact", "dense", "compressed-tensors")
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"SparseScheduleConfig: `{name}`={value!r} is not valid; allowed: {allowed}.")
+
+
+def parse_memory_size(value: Any) -> int | None:
+    """``max_device_memory`` -> bytes: ``None``, a positive int, or ``"<number><unit>"`` (``"2GiB"``, ``"1.5GB"``)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", value)
+        if match and match.group(2).lower() in MEMORY_UNITS:
+            size = int(float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()])
+            if size > 0:
+                return size
+    raise _bad("max_device_memory", value, MEMORY_FORMS)
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
@@ -61,6 +83,11 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             resumes from the last finished block.
+        max_device_memory: byte budget on the compute device (GPU) during compression: ``None`` (no cap), an int
+            number of bytes or a string like ``"2GiB"``, ``"512MB"``, ``"1.5GB"``. Only the current decoder block and
+            its OBS working set live on the device; the calibration activations join them if they fit in what
+            remains, else they stay in (pinned) CPU memory and move one window at a time. A block whose working
+            set alone exceeds the budget is refused before any work (see :mod:`.residency` for the accounting).
         pattern: ``None`` (unstructured) or ``"N:M"``: N zeros in every M consecutive inputs of each output row.
             Requires ``sparsity == N/M``.
         bits: ``None`` (no quantization), 4 or 8: GPTQ quantization of the kept weights inside the same OBS pass.
@@ -73,6 +100,11 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         damp: Hessian damping, ``damp * mean(diag H)`` added to the diagonal (escalated on a failed Cholesky).
         block_size: OBS column block width (lazy batch updates, adaptive mask selection per block).
         modules_to_not_convert: module names (or name suffixes) left untouched; ``lm_head`` by default.
+        export_format: how ``save_pretrained`` stores the compressed weights: ``"compact"`` (default; bitmask of
+            the nonzeros plus their values, or their packed ``bits``-bit codes and grid, decompressed on load —
+            needs ``import optimum_sparsesched``), ``"dense"`` (plain weights with zeros) or
+            ``"compressed-tensors"`` (the compressed-tensors ``pack-quantized`` layout, requires ``bits``; loads in
+            plain transformers with the ``compressed-tensors`` package and in vLLM without this plugin).
     """
 
     def __init__(
@@ -97,11 +129,14 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         error_metric: str = "kl-alone",
         probe_samples: int = 4,
         checkpoint_dir: str | None = None,
+        max_device_memory: int | str | None = None,
+        export_format: str = "compact",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
         layer_sparsities: dict[str, float] | None = None,
         layer_errors: dict[str, float] | None = None,
         resolved_range: Sequence[float] | None = None,
+        eval_results: Sequence[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -125,11 +160,14 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.error_metric = error_metric
         self.probe_samples = probe_samples
         self.checkpoint_dir = str(checkpoint_dir) if isinstance(checkpoint_dir, os.PathLike) else checkpoint_dir
+        self.max_device_memory = max_device_memory
+        self.export_format = export_format
         self.owl_m = owl_m
         self.owl_lambda = owl_lambda
         self.layer_sparsities = dict(layer_sparsities) if layer_sparsities else {}
         self.layer_errors = dict(layer_errors) if layer_errors else {}
         self.resolved_range = list(resolved_range) if resolved_range is not None else None
+        self.eval_results = [dict(r) for r in eval_results] if eval_results else []
         kwargs.pop("quant_method", None)
         if kwargs:
             raise TypeError(f"SparseScheduleConfig got unknown options: {sorted(kwargs)}")
@@ -169,6 +207,11 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                 raise _bad("sparsity", self.sparsity, f"{nm[0] / nm[1]} (= N/M) when pattern={self.pattern!r}")
         if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
             raise _bad("bits", self.bits, "None, 4 or 8")
+        if self.export_format not in EXPORT_FORMATS:
+            raise _bad("export_format", self.export_format, " | ".join(repr(x) for x in EXPORT_FORMATS))
+        if self.export_format == "compressed-tensors" and self.bits is None:
+            raise _bad("export_format", self.export_format, "'compact' or 'dense' when bits=None "
+                       "('compressed-tensors' stores the INT4/INT8 pack-quantized layout, so it needs bits=4 or 8)")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or not (
             self.group_size == -1 or self.group_size > 0
         ):
@@ -192,6 +235,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         if cd is not None and (not isinstance(cd, str) or not cd or os.path.isfile(cd)):
             raise _bad("checkpoint_dir", cd, "None or a folder path (created if missing; an existing run there is "
                        "resumed)")
+        parse_memory_size(self.max_device_memory)
         if self.tokenizer is not None and isinstance(self.tokenizer, str) and not self.tokenizer.strip():
             raise _bad("tokenizer", self.tokenizer, "None, a tokenizer object, or a model name/path")
 
@@ -228,6 +272,11 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         raise _bad("dataset", type(ds).__name__, "str path, hub name, list[str] or datasets.Dataset")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def max_device_memory_bytes(self) -> int | None:
+        """``max_device_memory`` in bytes (``None``: no cap)."""
+        return parse_memory_size(self.max_device_memory)
+
     @property
     def nm(self) -> tuple[int, int] | None:
         """The N:M pattern as integers, or None for unstructured sparsity."""

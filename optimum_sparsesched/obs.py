@@ -83,6 +83,10 @@ class SparseGPT:
     def __init__(self, weight: torch.Tensor, H: torch.Tensor | InverseHessian) -> None:
         self.weight = weight
         self.H = H
+        #: after a quantized ``prune``: the grids used, ``[rows, groups]`` float32 each (group ``j`` covers
+        #: columns ``j·group_size ...``; one group for ``group_size=-1``); ``None`` without quantization.
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
 
     @torch.no_grad()
     def prune(
@@ -108,8 +112,11 @@ class SparseGPT:
 
         for escalation in range(MAX_DAMP_ESCALATIONS):
             U = inverse.factor(escalation)
-            Q, loss = self._scan(W, U, sparsity, nm, grid, group_size, block_size)
+            Q, loss, grids = self._scan(W, U, sparsity, nm, grid, group_size, block_size)
             if torch.isfinite(Q).all():
+                if grids:
+                    self.scale = torch.cat([scale for scale, _ in grids], dim=1)
+                    self.zero = torch.cat([zero for _, zero in grids], dim=1)
                 return Q, loss
             logger.warning("OBS produced non-finite weights; retrying with more damping")
         raise FloatingPointError("OBS pruning produced non-finite weights at every damping level")
@@ -118,6 +125,7 @@ class SparseGPT:
     def _scan(W, U, sparsity, nm, grid, group_size, block_size):
         W = W.clone()
         rows, cols = W.shape
+        grids = [(grid.scale, grid.zero)] if grid is not None and group_size == -1 else []
         total_prune = round(sparsity * rows * cols)
         loss = torch.zeros((), dtype=torch.float32, device=W.device)
         for i1 in range(0, cols, block_size):
@@ -153,6 +161,7 @@ class SparseGPT:
                         group_w = torch.cat([W1[:, i: i + group_size], ahead], dim=1)
                         keep = torch.cat([~mask1[:, i: i + group_size], torch.ones_like(ahead, dtype=torch.bool)], 1)
                         grid.find_params(group_w, keep)
+                        grids.append((grid.scale, grid.zero))
                     q = grid.quantize(q.unsqueeze(1)).squeeze(1)
                     q[mask1[:, i]] = 0
                 Q1[:, i] = q
@@ -162,4 +171,4 @@ class SparseGPT:
                 Err1[:, i] = err
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        return W, float(loss)
+        return W, float(loss), grids

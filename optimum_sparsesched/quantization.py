@@ -4,11 +4,22 @@ A grid maps a weight ``w`` of one output row to ``q = scale * (clamp(round(w / s
 with ``maxq = 2**bits - 1``. Asymmetric grids span ``[min(w, 0), max(w, 0)]`` of the row (zero is always
 representable, so pruned weights stay exactly 0); symmetric grids span ``[-a, a]``, ``a = max|w|``, with the zero
 point in the middle. Parameters are found per row over a group of columns (``group_size``) or the whole row.
+
+Scales are rounded up to the next bfloat16 when they are found (a relative change below 0.8%, float32's exponent
+range; rounding up keeps ``[xmin, xmax]`` on the grid), so the grid a checkpoint stores in 16 bits reproduces the
+in-memory weights bit for bit (:mod:`.compact`).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 value ``>= x`` for positive finite float32 ``x`` (returned as float32): a bfloat16 is
+    the upper 16 bits of a float32, so clear the lower 16 after adding ``0xFFFF`` to the bit pattern."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
 
 
 class QuantGrid:
@@ -40,11 +51,11 @@ class QuantGrid:
         flat = (xmin == 0) & (xmax == 0)
         xmin = torch.where(flat, torch.full_like(xmin, -1.0), xmin)
         xmax = torch.where(flat, torch.full_like(xmax, 1.0), xmax)
-        scale = (xmax - xmin) / self.maxq
+        scale = round_up_to_bfloat16((xmax - xmin) / self.maxq)
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
         else:
-            zero = torch.round(-xmin / scale)
+            zero = torch.round(-xmin / scale).clamp(0, self.maxq)
         self.scale, self.zero = scale.unsqueeze(1), zero.unsqueeze(1)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:

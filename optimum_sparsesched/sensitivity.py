@@ -44,6 +44,7 @@ from torch import nn
 
 from .capture import (
     BlockInputs,
+    block_device,
     find_decoder_blocks,
     head_and_embeddings_on,
     module_device,
@@ -133,11 +134,12 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
     streams: dict[str, list[list[torch.Tensor]]] = {mode: [] for mode in damage_modes}
     for index, block in enumerate(plan.blocks):
         home = module_device(block)
-        block.to(device)
+        on = block_device(block, device)  # a block a device_map put on a GPU stays there
+        block.to(on)
         modules = plan.modules[index]
         args, kwargs = inputs.args[index], inputs.kwargs[index]
         dense_out: list[torch.Tensor] = []
-        accumulators = collect_block_hessians(block, modules, inputs, index, device, dense, dense_out)
+        accumulators = collect_block_hessians(block, modules, inputs, index, on, dense, dense_out)
         inverses = {id(a): InverseHessian(a.H, config.damp) for a in accumulators.values()}
         hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
         scores = {}
@@ -158,9 +160,9 @@ def measure_layer_statistics(model: nn.Module, plan: Any, inputs: BlockInputs, p
                 set_weight_matrix(target, Q)
             for mode, mode_streams in streams.items():
                 downstream = pruned if mode == "kl" else block
-                mode_streams[:] = [[run_block(downstream, h, args, kwargs, device, inputs.returns_tuple).to(h.device)
+                mode_streams[:] = [[run_block(downstream, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
                                     for h in s] for s in mode_streams]
-                mode_streams.append([run_block(pruned, h, args, kwargs, device, inputs.returns_tuple).to(h.device)
+                mode_streams.append([run_block(pruned, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
                                      for h in dense])
             del pruned
         dense = dense_out

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .calibration import calibration_windows
 from .capture import (
+    block_device,
     capture_block_inputs,
     compressible_modules,
     find_decoder_blocks,
@@ -27,10 +28,12 @@ from .capture import (
     module_device,
 )
 from .checkpoint import BlockCheckpoint, fingerprint
+from .compact import GRID_ATTR
 from .config import SparseScheduleConfig
 from .distributed import DistributedContext, init_distributed
 from .hessian import collect_block_hessians
 from .obs import InverseHessian, SparseGPT
+from .residency import decide_for_inputs, plan_residency, store
 from .serialization import install_atomic_save
 from .schedule import level_schedule, optimal_allocation, owl_schedule, ramp_schedule, uniform_schedule
 from .sensitivity import LayerStatistics, measure_layer_statistics
@@ -73,6 +76,10 @@ def plan_compression(model: nn.Module, config: SparseScheduleConfig) -> Compress
         group = {prefix + n: m for n, m in compressible_modules(block).items()
                  if not _is_skipped(prefix + n, config.modules_to_not_convert)}
         modules.append(group)
+    if config.export_format == "compressed-tensors":
+        from .compressed_tensors_export import check_exportable
+
+        check_exportable({name: m for group in modules for name, m in group.items()})
     if not any(modules):
         raise ValueError(f"model: {type(model).__name__} has no compressible nn.Linear/Conv1D inside its decoder "
                          f"blocks (after modules_to_not_convert={config.modules_to_not_convert})")
@@ -184,13 +191,24 @@ def _compress_block(block: nn.Module, modules: dict[str, nn.Module], inputs: Any
     local_errors = {}
     for k, (name, m) in enumerate(modules.items()):
         if ctx.owner(k) == ctx.rank:
-            Q, local_errors[name] = SparseGPT(weight_matrix(m).to(device), inverses[id(accumulators[name])]).prune(
+            sparsegpt = SparseGPT(weight_matrix(m).to(device), inverses[id(accumulators[name])])
+            Q, local_errors[name] = sparsegpt.prune(
                 targets[name], nm=config.nm, bits=config.bits, group_size=config.group_size, sym=config.sym,
                 block_size=config.block_size)
             set_weight_matrix(m, Q)
+            if sparsegpt.scale is not None:
+                setattr(m, GRID_ATTR, (sparsegpt.scale.cpu(), sparsegpt.zero.cpu()))
     del inverses, accumulators
     for k, (name, m) in enumerate(modules.items()):
         ctx.broadcast_(m.weight, src=ctx.owner(k))
+        if config.bits is not None and ctx.enabled:
+            rows, cols = weight_matrix(m).shape
+            groups = 1 if config.group_size == -1 else -(-cols // config.group_size)
+            grid = getattr(m, GRID_ATTR, None) or tuple(torch.empty(rows, groups) for _ in range(2))
+            grid = tuple(t.to(m.weight.device) for t in grid)  # NCCL broadcasts device tensors only
+            for t in grid:
+                ctx.broadcast_(t, src=ctx.owner(k))
+            setattr(m, GRID_ATTR, tuple(t.cpu() for t in grid))
         achieved[name] = float((m.weight == 0).sum().item() / m.weight.numel())
     errors.update(ctx.merge_dicts(local_errors))
 
@@ -209,6 +227,9 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
     if isinstance(config, dict):
         config = SparseScheduleConfig(**config)
     plan = plan_compression(model, config)
+    measures = config.schedule in ("hessian", "owl") and config.sparsity > 0  # the schedule's statistics pass
+    damage = int(measures and config.schedule == "hessian" and config.error_metric != "obs")  # its KL streams
+    working = plan_residency(model, plan, config, damage)  # refuses a budget too small for one block
     tok = resolve_tokenizer(config, tokenizer, model)
     windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
 
@@ -221,6 +242,8 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device)
+    probe_count = min(config.probe_samples, len(windows)) if measures and ctx.is_main else 0
+    residency = decide_for_inputs(inputs, working, config, device, probe_count, damage)
     if manifest is not None:  # resume: the schedule was measured by the interrupted run
         targets, estimates = manifest["targets"], manifest["estimates"]
         config.resolved_range = manifest["resolved_range"]
@@ -229,10 +252,11 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
         plan_result = None
         if ctx.is_main:
             stats = None
-            if config.schedule in ("hessian", "owl") and config.sparsity > 0:
+            if measures:
                 probe = windows[: config.probe_samples]
-                probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(model, probe, device)
-                modes = [config.error_metric] if config.schedule == "hessian" and config.error_metric != "obs" else []
+                probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(model, probe, device,
+                                                                                  residency.storage)
+                modes = [config.error_metric] if damage else []
                 stats = measure_layer_statistics(model, plan, probe_inputs, probe, config, device, modes)
             plan_result = (*allocate_sparsities(plan, config, stats), config.resolved_range)
         targets, estimates, config.resolved_range = ctx.broadcast_object(plan_result)
@@ -242,29 +266,43 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict, tokenizer: A
     achieved: dict[str, float] = dict(manifest["achieved"]) if manifest is not None else {}
     errors: dict[str, float] = dict(manifest["errors"]) if manifest is not None else {}
 
-    progress = tqdm(list(enumerate(plan.blocks)), desc="sparsegpt", unit="block")
-    for index, block in progress:
+    # one refresh per finished block: the count, elapsed<remaining (ETA) and the running sum of OBS loss estimates
+    progress = tqdm(total=len(plan.blocks), desc="sparsegpt", unit="block", mininterval=0)
+    for index, block in enumerate(plan.blocks):
         home = module_device(block)
-        block.to(device)
+        on = block_device(block, device)  # a block a device_map put on a GPU stays there
+        block.to(on)
         modules = plan.modules[index]
         if index < finished:
             saved = checkpoint.load_block(index)
             for name, m in modules.items():
                 m.weight.data.copy_(saved[name])
+                if f"{name}.grid_scale" in saved:
+                    setattr(m, GRID_ATTR, (saved[f"{name}.grid_scale"], saved[f"{name}.grid_zero"]))
         else:
-            _compress_block(block, modules, inputs, index, targets, config, device, achieved, errors, ctx)
+            _compress_block(block, modules, inputs, index, targets, config, on, achieved, errors, ctx)
         for j, h in enumerate(inputs.hidden):
-            out = run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
-            inputs.hidden[j] = out.to(h.device)
+            out = run_block(block, h, inputs.args[index], inputs.kwargs[index], on, inputs.returns_tuple)
+            inputs.hidden[j] = store(out, h)
         block.to(home)
         if checkpoint is not None and index >= finished and ctx.is_main:
-            checkpoint.save_block(manifest, index, {n: m.weight for n, m in modules.items()},
+            saved = {n: m.weight for n, m in modules.items()}
+            for n, m in modules.items():
+                if getattr(m, GRID_ATTR, None) is not None:
+                    saved[f"{n}.grid_scale"], saved[f"{n}.grid_zero"] = getattr(m, GRID_ATTR)
+            checkpoint.save_block(manifest, index, saved,
                                   {n: achieved[n] for n in modules}, {n: errors[n] for n in modules})
-        progress.set_postfix(err=f"{sum(errors.get(n, 0.0) for n in modules):.3g}")
+        progress.set_postfix(err=f"{sum(errors.values()):.4g}", refresh=False)
+        progress.update()
+    progress.close()
 
     config.layer_sparsities = achieved
     config.layer_errors = estimates or errors
     model.config.quantization_config = config
+    if getattr(model, "hf_quantizer", None) is None:  # compress() called directly: save like from_pretrained's
+        from .quantizer import SparseScheduleQuantizer
+
+        model.hf_quantizer = SparseScheduleQuantizer(config, pre_quantized=True)
     install_atomic_save(model)
     ctx.barrier()
     if was_training:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import CALIBRATION_TEXT, FAMILIES, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
 from optimum_sparsesched.capture import weight_matrix
+from optimum_sparsesched.compact import unpack_mask
 
 SMALL = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=64, schedule="uniform")
 
@@ -122,5 +123,8 @@ def test_saved_weights_are_the_compressed_ones(save_tiny, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=SparseScheduleConfig(sparsity=0.7, **SMALL))
     model.save_pretrained(tmp_path / "out")
     tensors = load_file(tmp_path / "out" / "model.safetensors")
+    modules = dict(model.named_modules())
     for name in model.config.quantization_config.layer_sparsities:
-        assert abs((tensors[name + ".weight"] == 0).float().mean().item() - 0.7) < 1e-3
+        nonzero = unpack_mask(tensors[name + ".weight_mask"], modules[name].in_features)
+        assert abs(1 - nonzero.float().mean().item() - 0.7) < 1e-3
+        assert torch.equal(tensors[name + ".weight_values"], modules[name].weight[nonzero])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
 
 from conftest import CALIBRATION_TEXT, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
@@ -72,13 +73,17 @@ def test_fingerprint_mismatch_refuses_to_resume(tmp_path, tokenizer):
                  tokenizer=tokenizer)
 
 
-def test_finished_checkpoint_is_reused_without_recompression(tmp_path, tokenizer):
+@pytest.mark.parametrize("bits", [None, 4])
+def test_finished_checkpoint_is_reused_without_recompression(bits, tmp_path, tokenizer):
     ckpt = tmp_path / "ckpt"
     a = tiny_model("opt")
-    compress(a, SparseScheduleConfig(sparsity=0.5, checkpoint_dir=str(ckpt), **SMALL), tokenizer=tokenizer)
+    compress(a, SparseScheduleConfig(sparsity=0.5, bits=bits, checkpoint_dir=str(ckpt), **SMALL), tokenizer=tokenizer)
     b = tiny_model("opt")
-    compress(b, SparseScheduleConfig(sparsity=0.5, checkpoint_dir=str(ckpt), **SMALL), tokenizer=tokenizer)
+    compress(b, SparseScheduleConfig(sparsity=0.5, bits=bits, checkpoint_dir=str(ckpt), **SMALL), tokenizer=tokenizer)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    b.save_pretrained(tmp_path / "out")  # the resumed model carries its quantization grids into the compact format
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(x, reloaded.state_dict()[k]) for k, x in a.state_dict().items())
 
 
 def test_save_pretrained_is_atomic(tmp_path, tokenizer, monkeypatch):
