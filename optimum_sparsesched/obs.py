@@ -26,6 +26,7 @@ All arithmetic is float32 whatever the model dtype; a result with NaN/Inf is nev
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -34,6 +35,7 @@ from .quantization import QuantGrid
 logger = logging.getLogger(__name__)
 
 MAX_DAMP_ESCALATIONS = 8
+KERNEL_ENV = "OPTIMUM_SPARSESCHED_OBS_KERNEL"  # "torch" | "triton" | "auto": the column loop used by prune()
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -98,10 +100,18 @@ class SparseGPT:
         sym: bool = False,
         block_size: int = 128,
         damp: float = 0.01,
+        kernel: str = "auto",
     ) -> tuple[torch.Tensor, float]:
         """Return ``(Ŵ, loss)``: the pruned/quantized weight (float32, same shape) and the OBS loss estimate
         ``½ Σ e²`` accumulated over all columns (the increase of ``||WX - ŴX||²/n`` predicted by OBS).
-        ``damp`` applies when the Hessian is given as a tensor (an ``InverseHessian`` carries its own)."""
+        ``damp`` applies when the Hessian is given as a tensor (an ``InverseHessian`` carries its own).
+        ``kernel``: ``"torch"`` (the column loop below), ``"triton"`` (one launch per column block,
+        :mod:`.obs_triton`) or ``"auto"`` (the ``OPTIMUM_SPARSESCHED_OBS_KERNEL`` environment variable if set, else
+        Triton on CUDA when it is installed)."""
+        if kernel == "auto":
+            kernel = os.environ.get(KERNEL_ENV, "auto")
+        if kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel: {kernel!r} is not valid; allowed: 'auto' | 'torch' | 'triton'")
         W = self.weight.detach().to(torch.float32).clone().contiguous()
         inverse = self.H if isinstance(self.H, InverseHessian) else InverseHessian(self.H.to(W.device), damp)
         W[:, inverse.dead] = 0.0
@@ -112,7 +122,8 @@ class SparseGPT:
 
         for escalation in range(MAX_DAMP_ESCALATIONS):
             U = inverse.factor(escalation)
-            Q, loss, grids = self._scan(W, U, sparsity, nm, grid, group_size, block_size)
+            Q, loss, grids = self._scan(W, U, sparsity, nm, grid, group_size, block_size,
+                                        self._use_triton(kernel, W.device, grid, group_size, block_size))
             if torch.isfinite(Q).all():
                 if grids:
                     self.scale = torch.cat([scale for scale, _ in grids], dim=1)
@@ -122,7 +133,18 @@ class SparseGPT:
         raise FloatingPointError("OBS pruning produced non-finite weights at every damping level")
 
     @staticmethod
-    def _scan(W, U, sparsity, nm, grid, group_size, block_size):
+    def _use_triton(kernel: str, device: torch.device, grid, group_size: int, block_size: int) -> bool:
+        from . import obs_triton
+
+        usable = obs_triton.available(device) and (
+            grid is None or group_size == -1 or group_size % block_size == 0 or block_size % group_size == 0)
+        if kernel == "triton" and not usable:
+            raise ValueError("kernel: 'triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1), "
+                             "and group_size a multiple or a divisor of block_size")
+        return usable and kernel != "torch"
+
+    @staticmethod
+    def _scan(W, U, sparsity, nm, grid, group_size, block_size, fast=False):
         W = W.clone()
         rows, cols = W.shape
         grids = [(grid.scale, grid.zero)] if grid is not None and group_size == -1 else []
@@ -147,6 +169,23 @@ class SparseGPT:
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
+            if fast:
+                from .obs_triton import obs_block
+
+                block_grid = None
+                if grid is not None and (group_size == -1 or group_size % block_size == 0):
+                    if group_size != -1 and i1 % group_size == 0:  # a group starts here: fit as the loop would
+                        ahead = W[:, i2: i1 + group_size]
+                        keep = torch.cat([~mask1, torch.ones_like(ahead, dtype=torch.bool)], 1)
+                        grid.find_params(torch.cat([W1, ahead], dim=1), keep)
+                        grids.append((grid.scale, grid.zero))
+                    block_grid = (grid.scale, grid.zero)
+                Q1, Err1, block_loss, block_grids = obs_block(
+                    W1, U1, mask1 if nm is None else None, nm, block_grid,
+                    grid.bits if grid is not None else None, group_size, grid.sym if grid is not None else False)
+                grids.extend(block_grids)
+                loss += 0.5 * block_loss
+                count = 0  # the kernel did the columns
             for i in range(count):
                 col = i1 + i
                 w = W1[:, i]
