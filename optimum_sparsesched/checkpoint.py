@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 RESULT_FIELDS = {"layer_sparsities", "layer_errors", "resolved_range", "checkpoint_dir", "tokenizer", "dataset",
-                 "export_format", "eval_results"}
+                 "export_format", "max_device_memory", "eval_results"}
 
 
 def fingerprint(config: Any, windows: torch.Tensor, model: torch.nn.Module) -> str:

@@ -34,6 +34,8 @@ def _parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
     c.add_argument("--num-samples", type=int, default=None, help="default 128 (32 for the embedded model)")
     c.add_argument("--seq-len", type=int, default=None, help="default 2048 (512 for the embedded model)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--export-format", default="compact", help="compact (default) | dense | compressed-tensors")
+    c.add_argument("--max-device-memory", default=None, help='compute-device budget, e.g. "20GiB"')
     c.add_argument("--eval-text", default=None, help="text file for perplexity before/after (default: shipped)")
     c.add_argument("--eval-windows", type=int, default=8)
     c.add_argument("--eval-dataset", default=None, help="text file: perplexity after compression on it is recorded in "
@@ -95,7 +97,7 @@ def _compress(a: argparse.Namespace) -> int:
             sparsity=a.sparsity, schedule=a.schedule, pattern=a.pattern, bits=a.bits, group_size=a.group_size,
             sym=a.sym, dataset=a.dataset or (str(CALIBRATION_TEXT) if embedded else "wikitext2"),
             num_samples=a.num_samples or (32 if embedded else 128), seq_len=a.seq_len or (512 if embedded else 2048),
-            seed=a.seed)
+            seed=a.seed, export_format=a.export_format, max_device_memory=a.max_device_memory)
     except (ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

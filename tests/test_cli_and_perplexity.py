@@ -32,6 +32,10 @@ def test_perplexity_matches_the_model_loss(tokenizer, tmp_path):
 def test_cli_bad_input_exits_2(capsys):
     assert main(["compress", "--sparsity", "1.5"]) == 2
     assert "sparsity" in capsys.readouterr().err
+    assert main(["compress", "--export-format", "gguf"]) == 2
+    assert "export_format" in capsys.readouterr().err
+    assert main(["compress", "--max-device-memory", "lots"]) == 2
+    assert "max_device_memory" in capsys.readouterr().err
 
 
 def test_cli_embedded_default_model_end_to_end(tmp_path, capsys):
