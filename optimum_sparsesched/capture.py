@@ -45,14 +45,19 @@ def compressible_modules(block: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the module stores its weight as ``[in_features, out_features]`` (transformers' Conv1D)."""
+    return isinstance(module, Conv1D)
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (Conv1D stores it transposed)."""
-    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return module.weight.t() if is_transposed(module) else module.weight
 
 
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Write ``w`` ``[out_features, in_features]`` back in the module's own layout and dtype."""
-    w = w.t() if isinstance(module, Conv1D) else w
+    w = w.t() if is_transposed(module) else w
     module.weight.data.copy_(w.to(module.weight.dtype))
 
 

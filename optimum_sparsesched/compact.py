@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import weight_matrix
+from .capture import is_transposed, weight_matrix
+from .quantization import dequantize
 
 #: Attribute of a compressed module holding the quantization grids ``(scale, zero)``, float32 ``[rows, groups]``
 #: on the CPU, set by the OBS pass and by loading a compact checkpoint; not part of the state dict.
@@ -77,11 +78,6 @@ def _column_groups(cols: int, group_size: int, device: torch.device) -> torch.Te
     return torch.arange(cols, device=device) // group_size
 
 
-def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """float32 grid values ``scale · (q - zero)`` (the same expression as :meth:`.QuantGrid.quantize`)."""
-    return scale * (codes.to(torch.float32) - zero)
-
-
 def grid_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                group_size: int) -> torch.Tensor:
     """The grid codes ``q`` (uint8 ``[rows, cols]``) of a weight written by the OBS pass, i.e. with
@@ -100,7 +96,7 @@ def grid_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     found = torch.zeros_like(w, dtype=torch.bool)
     for step in (0.0, -1.0, 1.0):
         candidate = (guess + step).clamp(0, 2**bits - 1)
-        hit = ~found & (_dequantize(candidate, s, z).to(w.dtype) == w)
+        hit = ~found & (dequantize(candidate, s, z).to(w.dtype) == w)
         codes[hit] = candidate[hit]
         found |= hit
     if not bool(found.all()):
@@ -152,7 +148,7 @@ def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtyp
     rows_idx, cols_idx = mask.nonzero(as_tuple=True)
     g = _column_groups(cols, group_size, mask.device)[cols_idx]
     codes = unpack_codes(tensors["weight_codes"], bits, rows_idx.numel())
-    weight[mask] = _dequantize(codes, scale[rows_idx, g], zero[rows_idx, g]).to(dtype)
+    weight[mask] = dequantize(codes, scale[rows_idx, g], zero[rows_idx, g]).to(dtype)
     return weight, (scale, zero)
 
 
@@ -176,13 +172,6 @@ def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]
         del state[f"{name}.weight"]
         state.update({f"{name}.{suffix}": t.cpu().contiguous() for suffix, t in encoded.items()})
     return state
-
-
-def is_transposed(module: nn.Module) -> bool:
-    """Whether the module stores its weight as ``[in, out]`` (transformers' Conv1D)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
 
 
 def _load_op_base():

@@ -22,6 +22,12 @@ def round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
 
 
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Grid values ``scale · (q - zero)`` in float32: the one expression the OBS pass and every stored format use,
+    so a weight rebuilt from its codes is bit-identical to the one written."""
+    return scale * (codes.to(torch.float32) - zero)
+
+
 class QuantGrid:
     """Per-row grid parameters for ``bits``-bit quantization. Shapes: ``scale``, ``zero`` are ``[rows, 1]``."""
 
@@ -62,4 +68,4 @@ class QuantGrid:
         """Round ``w`` ``[rows, k]`` onto the grid (returns dequantized float values)."""
         assert self.scale is not None and self.zero is not None, "find_params first"
         q = torch.clamp(torch.round(w / self.scale) + self.zero, 0, self.maxq)
-        return self.scale * (q - self.zero)
+        return dequantize(q, self.scale, self.zero)
