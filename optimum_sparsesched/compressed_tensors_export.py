@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .compact import GRID_ATTR, grid_codes
+from .config import SAVED_CONFIG_KEY
 
 CT_EXTRA = 'pip install "optimum-sparsesched[compressed-tensors]"'
 
@@ -99,6 +100,6 @@ def rewrite_config_json(folder: str | os.PathLike, model: nn.Module, config: Any
     ``sparse_schedule_config``)."""
     path = Path(folder) / "config.json"
     data = json.loads(path.read_text())
-    data["sparse_schedule_config"] = data.pop("quantization_config", config.to_dict())
+    data[SAVED_CONFIG_KEY] = data.pop("quantization_config", config.to_dict())
     data["quantization_config"] = compressed_tensors_config(model, config)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -31,6 +31,22 @@ MEMORY_FORMS = ('None, a positive int number of bytes, or a string like "2GiB", 
 EXPORT_FORMATS = ("compact", "dense", "compressed-tensors")
 
 
+#: key of ``config.json`` that keeps this package's config when ``quantization_config`` holds another format's
+#: (``export_format="compressed-tensors"``)
+SAVED_CONFIG_KEY = "sparse_schedule_config"
+
+
+def saved_config_dict(config_json: Any) -> dict[str, Any] | None:
+    """This package's config as saved in a checkpoint's ``config.json`` (a dict), whatever ``export_format`` wrote
+    it; ``None`` when the checkpoint was not compressed by this package."""
+    if not isinstance(config_json, dict):
+        return None
+    for qc in (config_json.get("quantization_config"), config_json.get(SAVED_CONFIG_KEY)):
+        if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
+            return qc
+    return None
+
+
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"SparseScheduleConfig: `{name}`={value!r} is not valid; allowed: {allowed}.")
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import QUANT_METHOD
+from .config import QUANT_METHOD, saved_config_dict
 
 
 def check_repo_id(repo_id: Any) -> str:
@@ -42,8 +42,8 @@ def check_checkpoint_folder(folder: Any) -> dict[str, Any]:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"folder: {str(path)!r} has no readable config.json ({exc}); not a saved checkpoint") from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+    if saved_config_dict(config) is None:
+        qc = config.get("quantization_config") if isinstance(config, dict) else None
         found = qc.get("quant_method") if isinstance(qc, dict) else None
         raise ValueError(f"folder: {str(path)!r} is not a checkpoint compressed by optimum-sparsesched "
                          f"(config.json quantization_config.quant_method is {found!r}, expected {QUANT_METHOD!r})")

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .config import saved_config_dict
+
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
@@ -323,7 +325,7 @@ def card_for_folder(folder: str | os.PathLike, *, repo_id: str | None = None) ->
     architecture built on the meta device (no weights are read)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    qc = config["quantization_config"]
+    qc = saved_config_dict(config)
     sizes = None
     try:
         import torch

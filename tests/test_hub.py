@@ -222,6 +222,21 @@ def test_push_writes_the_card_of_a_folder_without_one(hub, compressed, tmp_path)
     assert table == [line for line in (folder / "README.md").read_text().splitlines() if re.match(r"\| \d+ \|", line)]
 
 
+def test_compressed_tensors_export_is_published_with_its_card(hub, tokenizer, tmp_path):
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    osp.compress(model, osp.SparseScheduleConfig(sparsity=0.5, bits=4, sym=True, export_format="compressed-tensors",
+                                                 schedule="uniform", **SMALL), tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "ct")
+    bare = tmp_path / "bare"  # the card is rebuilt from config.json's sparse_schedule_config
+    shutil.copytree(tmp_path / "ct", bare, ignore=shutil.ignore_patterns("README.md", PLOT_FILE))
+    for folder, repo_id in ((tmp_path / "ct", "org/ct"), (bare, "org/ct-bare")):
+        osp.push_to_hub(folder, repo_id)
+        published = hub.files(repo_id)
+        assert published["config.json"] == (folder / "config.json").read_bytes()
+        assert "optimum-sparsesched" in ModelCard.load(folder / "README.md").data.tags
+        assert published["README.md"] == (folder / "README.md").read_bytes()
+
+
 def test_save_pretrained_push_to_hub_publishes_our_card(hub, compressed, tmp_path):
     model, _ = compressed
     out = tmp_path / "pushed-by-save"
