@@ -176,11 +176,8 @@ def module_device(module: nn.Module) -> torch.device:
 def block_device(block: nn.Module, default: torch.device) -> torch.device:
     """Where a block is compressed: on its own GPU when a ``device_map`` put it there (accelerate's hooks send its
     inputs there), else on ``default``."""
-    for p in block.parameters():
-        if p.device.type not in ("cpu", "meta"):
-            return p.device
-        break
-    return default
+    home = module_device(block)
+    return home if home.type not in ("cpu", "meta") else default
 
 
 def non_block_modules(model: nn.Module, block_ids: set[int]) -> list[nn.Module]:
