@@ -80,7 +80,7 @@ def main() -> None:
             out = work / f"{row}-{fmt}"
             model.save_pretrained(out)
             cfg = model.config.quantization_config  # the loaded model's copy holds the results
-            modules = list(cfg.layer_sparsities)
+            modules = list(cfg.results.layer_sparsities)
             sizes = stored_bytes(out)
             decoder = sum(v for k, v in sizes.items() if k.rpartition(".")[0] in modules)
             decoder_bf16 = sum(bf16_sizes[f"{m}.weight"] for m in modules)

@@ -39,7 +39,8 @@ def compress_and_evaluate(model_path: str, tokenizer: Any, config: Any, eval_fil
     from transformers import AutoModelForCausalLM
 
     import optimum_sparsesched as osp
-    from optimum_sparsesched.schedule import weighted_mean
+    from optimum_sparsesched.pipeline.plan import module_sizes
+    from optimum_sparsesched.schedule.allocators import weighted_mean
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, quantization_config=config)
@@ -48,7 +49,7 @@ def compress_and_evaluate(model_path: str, tokenizer: Any, config: Any, eval_fil
         model.cuda()
     ppl = osp.perplexity(model, tokenizer, eval_file, eval_seq_len, eval_windows)
     q = model.config.quantization_config
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in q.layer_sparsities}
-    return {"ppl": ppl, "compress_s": seconds, "achieved_sparsity": weighted_mean(q.layer_sparsities, sizes),
-            "layer_sparsities": q.layer_sparsities, "resolved_range": q.resolved_range,
+    achieved = q.results.layer_sparsities
+    return {"ppl": ppl, "compress_s": seconds, "achieved_sparsity": weighted_mean(achieved, module_sizes(model, achieved)),
+            "layer_sparsities": achieved, "resolved_range": q.results.resolved_range,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}

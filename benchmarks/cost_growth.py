@@ -65,8 +65,8 @@ def one(hidden: int, layers: int, num_samples: int, seq_len: int) -> dict:
     from transformers import LlamaForCausalLM
 
     import optimum_sparsesched as osp
-    from optimum_sparsesched.residency import activation_bytes, estimate_working_set
-    from optimum_sparsesched.sequential import compute_device, plan_compression
+    from optimum_sparsesched.pipeline.plan import plan_compression
+    from optimum_sparsesched.pipeline.residency import compute_device, estimate_working_set
 
     import datasets  # noqa: F401  (imported by the calibration step; loaded now so its memory is not counted)
 

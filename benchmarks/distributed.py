@@ -48,7 +48,8 @@ def communication_per_block(model_path: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from optimum_sparsesched.capture import compressible_modules, find_decoder_blocks, weight_matrix
+    from optimum_sparsesched.pipeline.blocks import find_decoder_blocks
+    from optimum_sparsesched.pipeline.plan import compressible_modules, weight_matrix
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))

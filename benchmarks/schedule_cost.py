@@ -26,16 +26,18 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--probe-samples", type=int, default=4)
-    ap.add_argument("--error-metric", default="kl")
+    ap.add_argument("--error-metric", default="kl-alone", choices=["kl-alone", "obs"])
     a = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_sparsesched import SparseScheduleConfig
-    from optimum_sparsesched.calibration import calibration_windows
-    from optimum_sparsesched.capture import capture_block_inputs
-    from optimum_sparsesched.sensitivity import measure_layer_statistics
-    from optimum_sparsesched.sequential import allocate_sparsities, compute_device, plan_compression
+    from optimum_sparsesched.pipeline.blocks import capture_block_inputs
+    from optimum_sparsesched.pipeline.calibration import calibration_windows
+    from optimum_sparsesched.pipeline.plan import plan_compression
+    from optimum_sparsesched.pipeline.residency import compute_device
+    from optimum_sparsesched.schedule.allocate import allocate_sparsities, measures_damage
+    from optimum_sparsesched.schedule.statistics import measure_layer_statistics
 
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -46,7 +48,7 @@ def main() -> None:
     windows = calibration_windows(cfg.dataset, tok, cfg.num_samples, cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()
     inputs = capture_block_inputs(model, windows, device)
-    stats = measure_layer_statistics(model, plan, inputs, windows, cfg, device, [a.error_metric])
+    stats = measure_layer_statistics(model, plan, inputs, windows, cfg, device, measures_damage(cfg))
     allocate_sparsities(plan, cfg, stats)
     seconds = time.perf_counter() - t0
     print(json.dumps({"schedule_measurement_s": seconds, "probe_samples": a.probe_samples, "seq_len": a.seq_len,

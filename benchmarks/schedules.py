@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Every schedule at every target on one model: uniform, OWL, depth ramp, the paper's literal Hessian rule, and the
-Hessian schedule (manual and auto range). Writes one JSON per row to --out, a PNG of the per-layer sparsity of each
+Hessian schedule (manual and auto range). Rows named hessian-context-* in benchmarks/results came from the retired
+options error_metric="kl" and granularity="module" of 0.1.0. Writes one JSON per row to --out, a PNG of the per-layer sparsity of each
 schedule per target, and prints a Markdown table for benchmarks/RESULTS.md.
 
     python benchmarks/schedules.py MODEL_DIR --targets 0.7 0.8 [--rows uniform owl ramp ...]
@@ -26,10 +27,8 @@ def row_specs(target: float) -> dict[str, dict]:
         "owl": dict(schedule="owl", owl_m=5.0, owl_lambda=0.08),
         "ramp": dict(schedule="ramp", sparsity_range=manual),
         "paper-literal": dict(schedule="hessian", error_metric="obs", sparsity_range=manual),
-        "hessian-context-manual": dict(schedule="hessian", error_metric="kl", sparsity_range=manual),
-        "hessian-context-auto": dict(schedule="hessian", error_metric="kl"),
+        "hessian-manual": dict(schedule="hessian", sparsity_range=manual),
         "hessian-auto": dict(schedule="hessian"),  # the default: error_metric="kl-alone", auto range
-        "hessian-context-auto-module": dict(schedule="hessian", error_metric="kl", granularity="module"),
     }
 
 

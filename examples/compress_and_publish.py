@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     after = osp.perplexity(model, tokenizer, a.eval_text, seq_len=eval_len, max_windows=a.eval_windows)
     osp.record_eval_result(model, after, dataset=a.eval_text, seq_len=eval_len, windows=a.eval_windows)
     print(f"perplexity {before:.2f} -> {after:.2f} at sparsity {a.sparsity} ({a.schedule}), "
-          f"range used {config.resolved_range}")
+          f"range used {config.results.resolved_range}")
 
     model.save_pretrained(a.out)  # writes README.md (the model card) and sparsity_schedule.png too
     tokenizer.save_pretrained(a.out)

@@ -30,7 +30,7 @@ def main() -> None:
     osp.compress(model, config, tokenizer=tokenizer)
     after = osp.perplexity(model, tokenizer, EVALUATION_TEXT, seq_len=512, max_windows=8)
     print(f"perplexity {before:.2f} -> {after:.2f} at sparsity {a.sparsity} ({a.schedule}), "
-          f"range used {config.resolved_range}")
+          f"range used {config.results.resolved_range}")
 
     model.save_pretrained(a.out)
     tokenizer.save_pretrained(a.out)

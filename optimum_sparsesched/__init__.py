@@ -3,29 +3,35 @@
 ``import optimum_sparsesched`` registers the quantization method ``"sparse_schedule"`` with transformers, so
 ``AutoModelForCausalLM.from_pretrained(path, quantization_config=SparseScheduleConfig(...))`` compresses on load
 and ``from_pretrained(saved_folder)`` reloads a compressed checkpoint.
+
+The package is laid out along the data path: :mod:`.config` (options) -> :mod:`.quantizer` (transformers glue)
+-> :mod:`.sequential` (the block loop) over :mod:`.pipeline` (plan, calibration, block capture, Hessians, device
+residency, checkpoints, distributed) -> :mod:`.schedule` (per-layer sparsities) -> :mod:`.obs` (the OBS solve of
+one layer) -> :mod:`.formats` (checkpoint layouts) -> :mod:`.publish` (save, model card, Hub); :mod:`.eval` measures.
 """
+
+from pathlib import Path
 
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from .config import QUANT_METHOD, SparseScheduleConfig
-from .quantizer import SparseScheduleQuantizer
+from .eval.perplexity import perplexity
+from .formats.semi_structured import from_semi_structured, to_semi_structured
+from .publish.hub import push_to_hub
+from .publish.model_card import build_model_card, record_eval_result
+from .quantizer import SparseScheduleQuantizer, compress
+from .results import CompressionResults
+from .version import __version__
 
 if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not SparseScheduleConfig:
     register_quantization_config(QUANT_METHOD)(SparseScheduleConfig)
 if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not SparseScheduleQuantizer:
     register_quantizer(QUANT_METHOD)(SparseScheduleQuantizer)
 
-from .sequential import compress  # noqa: E402
-from .perplexity import perplexity  # noqa: E402
-from .semi_structured import from_semi_structured, to_semi_structured  # noqa: E402
-from .model_card import build_model_card, record_eval_result  # noqa: E402
-from .hub import push_to_hub  # noqa: E402
-
 #: Folder of the `evaluate` perplexity metric: ``evaluate.load(optimum_sparsesched.PERPLEXITY_METRIC)``.
-PERPLEXITY_METRIC = str(__import__("pathlib").Path(__file__).parent / "metrics" / "sparse_perplexity")
+PERPLEXITY_METRIC = str(Path(__file__).parent / "eval" / "metrics" / "sparse_perplexity")
 
-__all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "compress", "perplexity", "PERPLEXITY_METRIC",
-           "record_eval_result", "build_model_card", "push_to_hub",
+__all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "CompressionResults", "compress", "perplexity",
+           "PERPLEXITY_METRIC", "record_eval_result", "build_model_card", "push_to_hub",
            "to_semi_structured", "from_semi_structured"]
-__version__ = "0.1.0"

@@ -24,7 +24,8 @@ def _parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default=None, help="model folder or hub id; omitted: embedded SmolLM2-135M")
     c.add_argument("out", nargs="?", default=None, help="folder to save the compressed checkpoint in")
     c.add_argument("--sparsity", type=float, default=0.5)
-    c.add_argument("--schedule", default="uniform")
+    c.add_argument("--schedule", default=None, help="hessian | uniform | owl | ramp (default: the library's, "
+                   "'hessian'; 'uniform' with --pattern)")
     c.add_argument("--pattern", default=None, help='None or "N:M", e.g. "2:4"')
     c.add_argument("--bits", type=int, default=None, choices=[4, 8])
     c.add_argument("--group-size", type=int, default=128)
@@ -89,7 +90,9 @@ def _compress(a: argparse.Namespace) -> int:
 
     from . import SparseScheduleConfig, compress, perplexity, record_eval_result
     from .default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
-    from .schedule import weighted_mean
+    from .pipeline.distributed import is_main_process
+    from .pipeline.plan import module_sizes
+    from .schedule.allocators import weighted_mean
 
     embedded = a.model is None
     try:
@@ -121,9 +124,7 @@ def _compress(a: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if not is_main_process():
         return 0  # under torchrun, rank 0 reports and saves
     after = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
     if a.eval_dataset is not None:  # recorded in the config: the model card's model-index
@@ -135,8 +136,8 @@ def _compress(a: argparse.Namespace) -> int:
             print(f"error: --eval-dataset: {exc}", file=sys.stderr)
             return 2
         record_eval_result(model, recorded, dataset=a.eval_dataset, seq_len=eval_len, windows=a.eval_windows)
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in cfg.layer_sparsities}
-    mean_sparsity = weighted_mean(cfg.layer_sparsities, sizes)
+    achieved = cfg.results.layer_sparsities
+    mean_sparsity = weighted_mean(achieved, module_sizes(model, achieved))
     summary = {"model": a.model or "SmolLM2-135M (embedded)", "sparsity": round(mean_sparsity, 4),
                "pattern": cfg.pattern, "bits": cfg.bits, "ppl_before": round(before, 3),
                "ppl_after": round(after, 3), "compress_seconds": round(seconds, 1),

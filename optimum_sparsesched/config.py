@@ -1,11 +1,9 @@
 """`SparseScheduleConfig`: every option of a compression run, validated at construction.
 
 The config is a transformers `QuantizationConfigMixin` registered under ``quant_method="sparse_schedule"``,
-so it travels in ``config.json`` of a compressed checkpoint. After compression it also holds what was achieved:
-``layer_sparsities`` (fraction of zero weights per compressed module) and ``layer_errors`` (the schedule's
-per-module error estimates, when the schedule computes them) and ``resolved_range`` (the sparsity range the
-schedule used, after ``"auto"`` was resolved) and ``eval_results`` (evaluations recorded with
-:func:`optimum_sparsesched.record_eval_result`, shown in the model card).
+so it travels in ``config.json`` of a compressed checkpoint. What a run achieved is kept apart, in
+``config.results`` (:class:`.results.CompressionResults`); :meth:`SparseScheduleConfig.options_dict` is the options
+alone, and the part of them that decides the compressed weights is :meth:`SparseScheduleConfig.fingerprint_options`.
 """
 
 from __future__ import annotations
@@ -17,11 +15,12 @@ from typing import Any, Sequence
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .results import RESULT_FIELDS, CompressionResults
+
 QUANT_METHOD = "sparse_schedule"
 
 SCHEDULES = ("hessian", "uniform", "owl", "ramp")
-GRANULARITIES = ("block", "module")
-ERROR_METRICS = ("kl", "kl-alone", "obs")
+ERROR_METRICS = ("kl-alone", "obs")
 HUB_DATASETS = ("wikitext2", "c4")
 SUPPORTED_BITS = (None, 4, 8)
 MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -29,6 +28,11 @@ MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**
 MEMORY_FORMS = ('None, a positive int number of bytes, or a string like "2GiB", "512MB", "1.5GB" '
                 "(units B, KB/MB/GB/TB = powers of 1000, KiB/MiB/GiB/TiB = powers of 1024)")
 EXPORT_FORMATS = ("compact", "dense", "compressed-tensors")
+#: options that decide where and how a run works or saves, not the compressed weights: left out of the fingerprint
+#: (``dataset`` and ``tokenizer`` enter it through the calibration token windows they produce)
+OUTPUT_NEUTRAL_OPTIONS = ("checkpoint_dir", "max_device_memory", "export_format", "dataset", "tokenizer")
+#: options of optimum-sparsesched 0.1.0 that are gone; a saved config that has them still loads
+RETIRED_OPTIONS = ("granularity",)
 
 
 #: key of ``config.json`` that keeps this package's config when ``quantization_config`` holds another format's
@@ -88,13 +92,11 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         schedule: (default ``"hessian"``, ``"uniform"`` with a ``pattern``) how the target is spread over layers: ``"hessian"`` (OBS loss curves from H⁻¹ scaled by each
             block's measured end-to-end damage, log-level clustering), ``"uniform"``, ``"owl"`` (outlier-weighted
             layer-wise sparsity) or ``"ramp"`` (linear in depth across ``sparsity_range``).
-        granularity: ``"block"`` (one sparsity per decoder block) or ``"module"`` (one per Linear).
         sparsity_range: ``(lo, hi)`` with ``0 <= lo <= sparsity <= hi < 1``, or ``"auto"``: for ``"hessian"`` the
             span of the damage-minimising allocation of the measured curves; for ``"ramp"`` ``sparsity ± 0.1``.
         num_levels: number of log-error levels of the ``"hessian"`` schedule (1 = uniform).
-        error_metric: ``"kl-alone"`` (end-to-end KL damage of each block pruned alone, default), ``"kl"`` (each
-            block's marginal KL damage with the blocks after it pruned too) or ``"obs"`` (the paper's local OBS
-            loss, read literally).
+        error_metric: ``"kl-alone"`` (end-to-end KL damage of each block pruned alone, default) or ``"obs"`` (the
+            paper's local OBS loss, read literally: a baseline).
         probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
@@ -121,6 +123,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             needs ``import optimum_sparsesched``), ``"dense"`` (plain weights with zeros) or
             ``"compressed-tensors"`` (the compressed-tensors ``pack-quantized`` layout, requires ``bits``; loads in
             plain transformers with the ``compressed-tensors`` package and in vLLM without this plugin).
+        results: what a run achieved (:class:`.results.CompressionResults`, or its dict as saved); empty before.
     """
 
     def __init__(
@@ -139,7 +142,6 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         damp: float = 0.01,
         block_size: int = 128,
         modules_to_not_convert: Sequence[str] | None = ("lm_head",),
-        granularity: str = "block",
         sparsity_range: Any = "auto",
         num_levels: int = 5,
         error_metric: str = "kl-alone",
@@ -149,10 +151,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         export_format: str = "compact",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
-        layer_sparsities: dict[str, float] | None = None,
-        layer_errors: dict[str, float] | None = None,
-        resolved_range: Sequence[float] | None = None,
-        eval_results: Sequence[dict[str, Any]] | None = None,
+        results: CompressionResults | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -170,7 +169,6 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.damp = damp
         self.block_size = block_size
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else []
-        self.granularity = granularity
         self.sparsity_range = list(sparsity_range) if isinstance(sparsity_range, (list, tuple)) else sparsity_range
         self.num_levels = num_levels
         self.error_metric = error_metric
@@ -180,10 +178,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.export_format = export_format
         self.owl_m = owl_m
         self.owl_lambda = owl_lambda
-        self.layer_sparsities = dict(layer_sparsities) if layer_sparsities else {}
-        self.layer_errors = dict(layer_errors) if layer_errors else {}
-        self.resolved_range = list(resolved_range) if resolved_range is not None else None
-        self.eval_results = [dict(r) for r in eval_results] if eval_results else []
+        self.results = results if isinstance(results, CompressionResults) else CompressionResults.from_dict(results)
         kwargs.pop("quant_method", None)
         if kwargs:
             raise TypeError(f"SparseScheduleConfig got unknown options: {sorted(kwargs)}")
@@ -200,8 +195,6 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             self.schedule = "uniform" if self.pattern is not None else "hessian"
         if self.schedule not in SCHEDULES:
             raise _bad("schedule", self.schedule, " | ".join(repr(x) for x in SCHEDULES))
-        if self.granularity not in GRANULARITIES:
-            raise _bad("granularity", self.granularity, " | ".join(repr(x) for x in GRANULARITIES))
         if self.error_metric not in ERROR_METRICS:
             raise _bad("error_metric", self.error_metric, " | ".join(repr(x) for x in ERROR_METRICS))
         self._check_range()
@@ -299,11 +292,11 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         return parse_pattern(self.pattern)
 
     # ------------------------------------------------------------------ serialization
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict for config.json: objects (tokenizer, in-memory datasets) are replaced by descriptions."""
+    def options_dict(self) -> dict[str, Any]:
+        """Every option, JSON-safe: objects (tokenizer, in-memory datasets) are replaced by descriptions."""
         out: dict[str, Any] = {}
         for key, value in self.__dict__.items():
-            if key.startswith("_"):
+            if key.startswith("_") or key == "results":
                 continue
             if key == "tokenizer" and value is not None and not isinstance(value, str):
                 value = getattr(value, "name_or_path", None) or type(value).__name__
@@ -312,15 +305,33 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             out[key] = value
         return out
 
+    def fingerprint_options(self) -> dict[str, Any]:
+        """The options that decide the compressed weights (all but :data:`OUTPUT_NEUTRAL_OPTIONS`)."""
+        return {k: v for k, v in self.options_dict().items() if k not in OUTPUT_NEUTRAL_OPTIONS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict for config.json: the options, and the results under ``"results"``."""
+        return {**self.options_dict(), "results": self.results.to_dict()}
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """Rebuild from config.json. A saved in-memory dataset description is not a dataset: keep it for the
-        record but do not validate it (a reloaded checkpoint never calibrates again)."""
+        record but do not validate it (a reloaded checkpoint never calibrates again). Configs saved by
+        optimum-sparsesched 0.1.0 (results at the top level, retired options) load too."""
         config_dict = dict(config_dict)
+        results = dict(config_dict.pop("results", None) or {})
+        for key in RESULT_FIELDS:
+            if key in config_dict:
+                results.setdefault(key, config_dict.pop(key))
+        for key in RETIRED_OPTIONS:
+            config_dict.pop(key, None)
+        if config_dict.get("error_metric") == "kl":  # retired: its checkpoints keep a valid record
+            config_dict["error_metric"] = "kl-alone"
         dataset = config_dict.get("dataset")
         if isinstance(dataset, str) and dataset not in HUB_DATASETS and not os.path.exists(dataset):
             config_dict["dataset"] = "wikitext2"  # a description ("<list of N texts>") or a path gone since
-        config = cls(**{k: v for k, v in config_dict.items() if k in cls._fields() or k == "quant_method"})
+        config = cls(**{k: v for k, v in config_dict.items() if k in cls._fields() or k == "quant_method"},
+                     results=results)
         if dataset is not None:
             config.dataset = dataset
         for key, value in list(kwargs.items()):
@@ -333,4 +344,4 @@ class SparseScheduleConfig(QuantizationConfigMixin):
     def _fields() -> set[str]:
         import inspect
 
-        return set(inspect.signature(SparseScheduleConfig.__init__).parameters) - {"self", "kwargs"}
+        return set(inspect.signature(SparseScheduleConfig.__init__).parameters) - {"self", "kwargs", "results"}

@@ -1,16 +1,16 @@
-"""`SparseScheduleQuantizer`: the transformers glue that runs :func:`compress` inside ``from_pretrained``.
+"""`SparseScheduleQuantizer`: the transformers glue that runs the compression inside ``from_pretrained``, and
+:func:`compress`, the same for a model already in memory.
 
-Load phases (transformers ``HfQuantizer``):
+Load phases (transformers ``HfQuantizer``; what the base class does is not repeated here):
 - ``update_device_map``: with no ``device_map`` the model loads on the CPU; compression moves one decoder block
   at a time to the GPU (when there is one), so models larger than the GPU can be compressed.
-- ``_process_model_before_weight_loading``: nothing to replace — a compressed model keeps dense ``nn.Linear``.
-- load operations (``get_load_operations``): a compact checkpoint (:mod:`.compact`) stores each compressed weight as
-  ``weight_mask`` + values or packed codes and grid; :class:`.compact.CompactDeserialize` rebuilds the dense weight
-  bit for bit while the checkpoint loads.
-- ``_process_model_after_weight_loading``: for a model that is not yet compressed, calibrate and compress it now;
-  for a checkpoint that already is (``pre_quantized``), nothing more.
+- load operations (``get_load_operations``): a compact checkpoint (:mod:`.formats.compact`) stores each compressed
+  weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact.CompactDeserialize` rebuilds
+  the dense weight bit for bit while the checkpoint loads.
+- ``_process_model_after_weight_loading``: for a model that is not yet compressed, calibrate and compress it now
+  (:func:`.sequential.compress_blocks`); then give the model this package's save (:mod:`.publish.save`).
 - saving (``get_state_dict_and_metadata``): the compact tensors, the compressed-tensors ``pack-quantized`` ones
-  (:mod:`.compressed_tensors_export`), or the dense state dict for ``export_format="dense"``.
+  (:mod:`.formats.compressed_tensors`), or the dense state dict for ``export_format="dense"``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers.quantizers import HfQuantizer
 
-from .compact import SUFFIXES, CompactDeserialize, compact_state_dict
+from .sequential import compress_blocks
 from .config import SparseScheduleConfig
-from .serialization import install_atomic_save
+from .formats.compact import SUFFIXES, CompactDeserialize, compact_state_dict
+from .publish.save import install_save
 
 
 class SparseScheduleQuantizer(HfQuantizer):
@@ -31,27 +33,15 @@ class SparseScheduleQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: SparseScheduleConfig
 
-    def __init__(self, quantization_config: SparseScheduleConfig, **kwargs: Any) -> None:
-        super().__init__(quantization_config, **kwargs)
-
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
     def update_device_map(self, device_map: dict[str, Any] | None) -> dict[str, Any] | None:
         if device_map is None and not self.pre_quantized:
             device_map = {"": torch.device("cpu")}
         return device_map
 
-    def _process_model_before_weight_loading(self, model, **kwargs: Any):
-        return model
-
-    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.pre_quantized:
-            from .sequential import compress
-
-            compress(model, self.quantization_config)
-        else:
-            install_atomic_save(model)
+            compress_blocks(model, self.quantization_config)
+        install_save(model)
         return model
 
     # a compressed weight is stored under these names (the compact format) or as a plain dense ``weight``
@@ -60,12 +50,12 @@ class SparseScheduleQuantizer(HfQuantizer):
     def get_load_operations(self) -> dict[str, Any]:
         return {"deserialize": CompactDeserialize}
 
-    def get_state_dict_and_metadata(self, model) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
         config = self.quantization_config
-        if not config.layer_sparsities or config.export_format == "dense":
+        if not config.results.compressed or config.export_format == "dense":
             return None, {}
         if config.export_format == "compressed-tensors":
-            from .compressed_tensors_export import compressed_tensors_state_dict
+            from .formats.compressed_tensors import compressed_tensors_state_dict
 
             return compressed_tensors_state_dict(model, config), {}
         return compact_state_dict(model, config), {"sparse_schedule_format": "compact"}
@@ -76,3 +66,15 @@ class SparseScheduleQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def compress(model: nn.Module, config: SparseScheduleConfig | dict[str, Any], tokenizer: Any = None) -> nn.Module:
+    """Compress a model already in memory in place, as ``from_pretrained(..., quantization_config=config)`` would:
+    afterwards it saves, reloads and publishes like a model compressed on load. Returns ``model``."""
+    if isinstance(config, dict):
+        config = SparseScheduleConfig(**config)
+    compress_blocks(model, config, tokenizer)
+    if getattr(model, "hf_quantizer", None) is None:
+        model.hf_quantizer = SparseScheduleQuantizer(config, pre_quantized=True)
+    install_save(model)
+    return model

@@ -18,6 +18,18 @@ import optimum_sparsesched  # noqa: F401  (registers the quantization method)
 DATA = Path(optimum_sparsesched.__file__).parent / "data"
 CALIBRATION_TEXT = DATA / "calibration.txt"
 VOCAB = 512
+#: a small calibration for tests: 4 windows of 64 tokens of the shipped text, 2 probe windows for the schedules
+SMALL = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=64, probe_samples=2)
+#: the same with the uniform schedule (no statistics pass)
+UNIFORM = {**SMALL, "schedule": "uniform"}
+
+
+def solve(W: torch.Tensor, H, sparsity: float, kernel: str = "torch", **spec):
+    """One layer's OBS solve with the options of ``PruneSpec`` as keywords -> the ``PruneResult``."""
+    from optimum_sparsesched.obs.prune import prune
+    from optimum_sparsesched.obs.spec import PruneSpec
+
+    return prune(W, H, PruneSpec(sparsity, **spec), kernel=kernel)
 
 
 def make_tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:

@@ -11,33 +11,32 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import CALIBRATION_TEXT, FAMILIES, tiny_model
+from conftest import UNIFORM, CALIBRATION_TEXT, FAMILIES, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
-from optimum_sparsesched.capture import weight_matrix
-from optimum_sparsesched.compact import unpack_mask
+from optimum_sparsesched.pipeline.plan import weight_matrix
+from optimum_sparsesched.formats.compact import unpack_mask
 
-SMALL = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=64, schedule="uniform")
 
 
 def compressed_modules(model, cfg):
     modules = dict(model.named_modules())
-    return {name: modules[name] for name in cfg.layer_sparsities}
+    return {name: modules[name] for name in cfg.results.layer_sparsities}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unstructured_sparsity_per_module(family, tokenizer):
     model = tiny_model(family)
-    cfg = SparseScheduleConfig(sparsity=0.6, **SMALL)
+    cfg = SparseScheduleConfig(sparsity=0.6, **UNIFORM)
     compress(model, cfg, tokenizer=tokenizer)
     modules = compressed_modules(model, cfg)
     assert len(modules) >= 4 * 2
     for name, m in modules.items():
         zeros = (m.weight == 0).float().mean().item()
         assert abs(zeros - 0.6) < 1e-3, name
-        assert cfg.layer_sparsities[name] == pytest.approx(zeros)
+        assert cfg.results.layer_sparsities[name] == pytest.approx(zeros)
         assert torch.isfinite(m.weight).all()
     assert model.config.quantization_config is cfg
-    assert set(cfg.layer_errors) == set(cfg.layer_sparsities)
+    assert set(cfg.results.layer_errors) == set(cfg.results.layer_sparsities)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -45,7 +44,7 @@ def test_unstructured_sparsity_per_module(family, tokenizer):
 def test_nm_pattern_per_module(family, pattern, tokenizer):
     n, m_ = map(int, pattern.split(":"))
     model = tiny_model(family)
-    cfg = SparseScheduleConfig(sparsity=n / m_, pattern=pattern, **SMALL)
+    cfg = SparseScheduleConfig(sparsity=n / m_, pattern=pattern, **UNIFORM)
     compress(model, cfg, tokenizer=tokenizer)
     for name, m in compressed_modules(model, cfg).items():
         W = weight_matrix(m)
@@ -56,7 +55,7 @@ def test_nm_pattern_per_module(family, pattern, tokenizer):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
 def test_joint_int4_groups(family, tokenizer):
     model = tiny_model(family)
-    cfg = SparseScheduleConfig(sparsity=0.5, bits=4, group_size=32, **SMALL)
+    cfg = SparseScheduleConfig(sparsity=0.5, bits=4, group_size=32, **UNIFORM)
     compress(model, cfg, tokenizer=tokenizer)
     for name, m in compressed_modules(model, cfg).items():
         W = weight_matrix(m)
@@ -68,46 +67,45 @@ def test_joint_int4_groups(family, tokenizer):
 def test_lm_head_embeddings_and_skips_untouched(tokenizer):
     model = tiny_model("llama", tie_word_embeddings=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = SparseScheduleConfig(sparsity=0.5, modules_to_not_convert=["lm_head", "mlp.down_proj"], **SMALL)
+    cfg = SparseScheduleConfig(sparsity=0.5, modules_to_not_convert=["lm_head", "mlp.down_proj"], **UNIFORM)
     compress(model, cfg, tokenizer=tokenizer)
     after = model.state_dict()
     untouched = [k for k in before if torch.equal(before[k], after[k])]
     assert "lm_head.weight" in untouched and "model.embed_tokens.weight" in untouched
     assert all(f"model.layers.{i}.mlp.down_proj.weight" in untouched for i in range(2))
-    assert not any("down_proj" in n for n in cfg.layer_sparsities)
+    assert not any("down_proj" in n for n in cfg.results.layer_sparsities)
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_compression_reduces_to_calibration_seeded(tokenizer):
     a, b = tiny_model("qwen2"), tiny_model("qwen2")
-    compress(a, SparseScheduleConfig(sparsity=0.5, seed=3, **SMALL), tokenizer=tokenizer)
-    compress(b, SparseScheduleConfig(sparsity=0.5, seed=3, **SMALL), tokenizer=tokenizer)
+    compress(a, SparseScheduleConfig(sparsity=0.5, seed=3, **UNIFORM), tokenizer=tokenizer)
+    compress(b, SparseScheduleConfig(sparsity=0.5, seed=3, **UNIFORM), tokenizer=tokenizer)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_from_pretrained_then_reload_in_fresh_process(family, save_tiny, tmp_path):
     path = save_tiny(family)
-    cfg = SparseScheduleConfig(sparsity=0.5, bits=4, group_size=32, **SMALL)  # tokenizer: the model's own path
+    cfg = SparseScheduleConfig(sparsity=0.5, bits=4, group_size=32, **UNIFORM)  # tokenizer: the model's own path
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    sp = model.config.quantization_config.layer_sparsities
+    sp = model.config.quantization_config.results.layer_sparsities
     assert sp and all(0.499 <= v < 0.6 for v in sp.values())  # INT4 may round a few kept weights to 0
     out = tmp_path / "compressed"
     model.save_pretrained(out)
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert saved["quant_method"] == "sparse_schedule" and saved["layer_sparsities"] == sp
+    assert saved["quant_method"] == "sparse_schedule" and saved["results"]["layer_sparsities"] == sp
     ids = torch.randint(1, 500, (1, 24), generator=torch.Generator().manual_seed(0))
     torch.save({"ids": ids, "logits": model(input_ids=ids).logits, "state": model.state_dict()}, tmp_path / "ref.pt")
     script = textwrap.dedent(f"""
-        import torch, optimum_sparsesched, optimum_sparsesched.sequential as c
+        import torch, optimum_sparsesched, optimum_sparsesched.quantizer as q
         from transformers import AutoModelForCausalLM
         def no_calibration(*a, **k): raise AssertionError("reload must not calibrate")
-        c.compress = no_calibration
-        optimum_sparsesched.compress = no_calibration
+        q.compress_blocks = no_calibration
         ref = torch.load(r"{tmp_path / 'ref.pt'}")
         m = AutoModelForCausalLM.from_pretrained(r"{out}")
-        assert m.config.quantization_config.layer_sparsities == {sp!r}
+        assert m.config.quantization_config.results.layer_sparsities == {sp!r}
         state = m.state_dict()
         for k, v in ref["state"].items():
             assert torch.equal(state[k], v), k
@@ -120,11 +118,11 @@ def test_from_pretrained_then_reload_in_fresh_process(family, save_tiny, tmp_pat
 
 def test_saved_weights_are_the_compressed_ones(save_tiny, tmp_path):
     path = save_tiny("opt")
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=SparseScheduleConfig(sparsity=0.7, **SMALL))
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=SparseScheduleConfig(sparsity=0.7, **UNIFORM))
     model.save_pretrained(tmp_path / "out")
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     modules = dict(model.named_modules())
-    for name in model.config.quantization_config.layer_sparsities:
+    for name in model.config.quantization_config.results.layer_sparsities:
         nonzero = unpack_mask(tensors[name + ".weight_mask"], modules[name].in_features)
         assert abs(1 - nonzero.float().mean().item() - 0.7) < 1e-3
         assert torch.equal(tensors[name + ".weight_values"], modules[name].weight[nonzero])

@@ -13,19 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from conftest import CALIBRATION_TEXT, tiny_model
+from conftest import solve, SMALL, CALIBRATION_TEXT, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
-from optimum_sparsesched.obs import SparseGPT
 
 TESTS = Path(__file__).parent
-SMALL = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=64, probe_samples=2)
 
 RUN = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import tiny_model
     from transformers import AutoTokenizer
-    import optimum_sparsesched.checkpoint as ck
+    import optimum_sparsesched.pipeline.checkpoint as ck
     from optimum_sparsesched import SparseScheduleConfig, compress
     kill_after = int(sys.argv[1])
     original = ck.BlockCheckpoint.save_block
@@ -37,7 +35,7 @@ RUN = textwrap.dedent("""
     model = tiny_model("llama", num_hidden_layers=4)
     cfg = SparseScheduleConfig(sparsity=0.7, checkpoint_dir=sys.argv[2], **{small!r})
     compress(model, cfg, tokenizer=AutoTokenizer.from_pretrained(sys.argv[3]))
-    torch.save({{"state": model.state_dict(), "sparsities": cfg.layer_sparsities}}, sys.argv[4])
+    torch.save({{"state": model.state_dict(), "sparsities": cfg.results.layer_sparsities}}, sys.argv[4])
 """)
 
 
@@ -59,7 +57,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tokenizer_dir, tokeni
     cfg = SparseScheduleConfig(sparsity=0.7, **SMALL)
     compress(reference, cfg, tokenizer=tokenizer)
     got = torch.load(out)
-    assert got["sparsities"] == pytest.approx(cfg.layer_sparsities)
+    assert got["sparsities"] == pytest.approx(cfg.results.layer_sparsities)
     for k, v in reference.state_dict().items():
         assert torch.equal(got["state"][k], v), k
 
@@ -126,7 +124,8 @@ def test_no_weight_is_ever_nan_or_inf(seed, log_scale, sparsity, bits, rank_defi
     W = torch.randn(8, 32, generator=g) * float(torch.exp(torch.tensor(log_scale)))
     X = torch.randn(64 if not rank_deficient else 3, 32, generator=g) * float(torch.exp(torch.tensor(log_scale / 2)))
     H = 2 * X.t() @ X / X.shape[0]
-    Q, loss = SparseGPT(W, H).prune(sparsity, bits=bits, group_size=16, block_size=16)
+    result = solve(W, H, sparsity, bits=bits, group_size=16, block_size=16)
+    Q, loss = result.weight, result.loss
     assert torch.isfinite(Q).all()
 
 

@@ -1,0 +1,58 @@
+"""The inverse Hessian as OBS needs it: the upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``H⁻¹ = UᵀU``).
+
+Row ``q`` of ``U`` holds, up to the scale ``U_qq``, the inverse Hessian of the columns ``≥ q`` once the columns
+before ``q`` are fixed (the successive Schur complements of ``H⁻¹``), so one factor serves every step of the
+column scan and every row of ``W``. Dead inputs (``H_ii = 0``: the input is always zero) get ``H_ii = 1`` and their
+weights are zeroed by the scan. Damping ``λ = damp · mean(diag H)`` is escalated ×10 while the factorisation fails.
+All in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_DAMP_ESCALATIONS = 8
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, escalating λ ×10 on failure.
+
+    Returns ``(U, λ used)``. ``H`` must already have its dead diagonal entries set to 1.
+    """
+    diag_mean = torch.mean(torch.diag(H)).item()
+    lam = damp * diag_mean if diag_mean > 0 else damp
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in range(MAX_DAMP_ESCALATIONS + 1):
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, lam
+        logger.warning("Cholesky failed with damping %.3g (attempt %d); escalating x10", lam, attempt + 1)
+        lam *= 10.0
+    raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with damping {lam / 10:.3g}")
+
+
+class InverseHessian:
+    """One Hessian ``H`` ``[cols, cols]`` prepared for OBS: dead inputs marked (``dead`` ``[cols]`` bool) and given
+    ``H_ii = 1``, and the factor ``U`` computed once per damping level, then shared by every module that reads the
+    same input (q/k/v, gate/up)."""
+
+    def __init__(self, H: torch.Tensor, damp: float) -> None:
+        H = H.to(torch.float32).clone()
+        self.dead = torch.diag(H) == 0
+        H[self.dead, self.dead] = 1.0
+        self.H = H
+        self.damp = damp
+        self._factors: dict[int, torch.Tensor] = {}
+
+    def factor(self, escalation: int = 0) -> torch.Tensor:
+        """``U`` at damping ``damp · 10^escalation`` (further escalated inside if the Cholesky fails)."""
+        if escalation not in self._factors:
+            self._factors[escalation], _ = inverse_hessian_cholesky(self.H, self.damp * 10.0**escalation)
+        return self._factors[escalation]

@@ -1,0 +1,59 @@
+"""``prune(weight, hessian, spec)``: one layer's OBS solve, behind which the scans (:mod:`.sparsegpt` in torch,
+:mod:`.sparsegpt_triton` on CUDA) are interchangeable.
+
+The weight is copied to float32 whatever the model dtype, its dead inputs (``H_ii = 0``) are zeroed, and the scan
+runs with the Cholesky factor of the damped inverse Hessian; a result holding NaN/Inf is never returned — the scan
+is retried with ×10 more damping, and after :data:`.inverse.MAX_DAMP_ESCALATIONS` failures a
+``FloatingPointError`` is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import sparsegpt, sparsegpt_triton
+from .inverse import MAX_DAMP_ESCALATIONS, InverseHessian
+from .spec import PruneResult, PruneSpec
+
+logger = logging.getLogger(__name__)
+
+#: environment variable read once at the start of a compression: the scan ``prune`` uses
+KERNEL_ENV = "OPTIMUM_SPARSESCHED_OBS_KERNEL"
+KERNELS = ("auto", "torch", "triton")
+
+
+def check_kernel(kernel: str, name: str = "kernel") -> str:
+    """``kernel`` if it is one of :data:`KERNELS`, else a ``ValueError`` naming ``name``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"{name}: {kernel!r} is not valid; allowed: " + " | ".join(repr(k) for k in KERNELS))
+    return kernel
+
+
+def choose_scan(kernel: str, device: torch.device, spec: PruneSpec):
+    """The scan function for ``kernel``: ``"torch"``, ``"triton"`` (refused where it cannot run) or ``"auto"``
+    (Triton where it can run, else torch)."""
+    usable = sparsegpt_triton.available(device, spec)
+    if check_kernel(kernel) == "triton" and not usable:
+        raise ValueError("kernel: 'triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1), "
+                         "and group_size a multiple or a divisor of block_size")
+    return sparsegpt_triton.scan if usable and kernel != "torch" else sparsegpt.scan
+
+
+@torch.no_grad()
+def prune(weight: torch.Tensor, hessian: torch.Tensor | InverseHessian, spec: PruneSpec,
+          kernel: str = "auto") -> PruneResult:
+    """Prune (and quantize) ``weight`` ``[rows, cols]`` under ``spec`` given its Hessian (``[cols, cols]``, damped
+    with ``spec.damp``, or an :class:`.InverseHessian` shared with other modules, which carries its own damping)."""
+    W = weight.detach().to(torch.float32).clone().contiguous()
+    inverse = hessian if isinstance(hessian, InverseHessian) else InverseHessian(hessian.to(W.device), spec.damp)
+    W[:, inverse.dead] = 0.0
+    scan = choose_scan(kernel, W.device, spec)
+    for escalation in range(MAX_DAMP_ESCALATIONS):
+        Q, loss, grids = scan(W, inverse.factor(escalation), spec)
+        if torch.isfinite(Q).all():
+            grid = (torch.cat([s for s, _ in grids], dim=1), torch.cat([z for _, z in grids], dim=1)) if grids else None
+            return PruneResult(Q, loss, grid)
+        logger.warning("OBS produced non-finite weights; retrying with more damping")
+    raise FloatingPointError("OBS pruning produced non-finite weights at every damping level")

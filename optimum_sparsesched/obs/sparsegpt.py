@@ -1,0 +1,75 @@
+"""SparseGPT: one-shot Optimal-Brain-Surgeon pruning (and joint GPTQ quantization) of one linear layer — the
+column scan in plain torch, the reference every other scan reproduces.
+
+Notation (Frantar & Alistarh, 2023). A layer computes ``Y = W X`` with ``W`` ``[rows, cols]`` and calibration
+inputs ``X`` ``[cols, n]``. Its reconstruction loss ``||W X - Ŵ X||²`` has Hessian ``H = 2 X Xᵀ / n``
+``[cols, cols]`` (accumulated in float32 by :class:`..pipeline.hessians.HessianAccumulator`).
+
+Removing weight ``w_q`` of a row and updating the remaining weights of that row optimally costs
+``ε_q = w_q² / [H⁻¹]_qq`` and moves the others by ``δ = -(w_q / [H⁻¹]_qq) · H⁻¹_{:,q}``. SparseGPT processes the
+columns left to right; after column ``q`` is fixed, the inverse Hessian of the remaining columns is a Schur
+complement, and all of these are read off one upper Cholesky factor ``U`` of ``H⁻¹`` (:mod:`.inverse`): the row
+``U[q, q:]`` is the (scaled) update direction and ``U[q, q]²`` the diagonal entry used by the saliency.
+
+The scan (per layer, ``W`` float32 with dead inputs already zeroed):
+1. columns are processed in blocks of ``block_size``; the masks are chosen as :mod:`.columns` says (unstructured:
+   at the block start; N:M: every M columns);
+2. within a block each column is pruned (masked entries set to 0) and/or quantized (the grid fitted at each group
+   start), the error ``e = (w - q)/U_qq`` is spread over the rest of the block (``W₁[:, q:] -= e · U[q, q:]``);
+3. after the block the accumulated errors update all later columns in one matrix product (lazy batch update).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .columns import fit_group, mark_nm_, prune_count, unstructured_mask
+from .grid import QuantGrid
+from .spec import PruneSpec
+
+Grids = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec) -> tuple[torch.Tensor, float, Grids]:
+    """The OBS column scan of ``W`` ``[rows, cols]`` (float32) with the Cholesky factor ``U`` ``[cols, cols]`` of
+    ``H⁻¹``. Returns ``(Ŵ, loss ½Σe², grids)`` with the ``(scale, zero)`` ``[rows, 1]`` of every group in order."""
+    W = W.clone()
+    rows, cols = W.shape
+    nm, group_size = spec.nm, spec.group_size
+    grid = QuantGrid(spec.bits, spec.sym) if spec.bits is not None else None
+    grids: Grids = []
+    if grid is not None and group_size == -1:
+        grid.find_params(W)
+        grids.append((grid.scale, grid.zero))
+    total_prune = round(spec.sparsity * rows * cols)
+    loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    for i1 in range(0, cols, spec.block_size):
+        i2 = min(i1 + spec.block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        if nm is None:
+            mask1 = unstructured_mask(W1, d, prune_count(total_prune, i1, i2, cols))
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                mark_nm_(mask1, W1, d, i, nm)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            if grid is not None:
+                if group_size != -1 and (i1 + i) % group_size == 0:
+                    grids.append(fit_group(grid, W, W1, mask1, i, i1, group_size))
+                q = grid.quantize(q.unsqueeze(1)).squeeze(1)
+                q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            loss += 0.5 * torch.sum(err**2)
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W, float(loss), grids

@@ -1,0 +1,46 @@
+"""What one OBS solve is asked to do (:class:`PruneSpec`) and what it returns (:class:`PruneResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """The options of one layer's OBS pass.
+
+    ``sparsity``: fraction of the layer's weights set to zero (exactly ``round(sparsity · rows · cols)`` for
+    unstructured masks); ``nm``: ``(N, M)`` = N zeros in every M consecutive inputs of each row, or ``None``;
+    ``bits``: quantize the kept weights onto a ``bits``-bit grid in the same pass (``None``: no quantization);
+    ``group_size``: grid group length along the inputs (``-1``: one grid per row); ``sym``: symmetric grid;
+    ``block_size``: OBS column block (lazy updates, adaptive unstructured masks); ``damp``: Hessian damping as a
+    fraction of ``mean(diag H)``."""
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+    bits: int | None = None
+    group_size: int = 128
+    sym: bool = False
+    block_size: int = 128
+    damp: float = 0.01
+
+    @classmethod
+    def from_config(cls, config: Any, sparsity: float) -> "PruneSpec":
+        """The spec of one module of a run configured by ``config`` (a ``SparseScheduleConfig``) at ``sparsity``."""
+        return cls(sparsity=sparsity, nm=config.nm, bits=config.bits, group_size=config.group_size,
+                   sym=config.sym, block_size=config.block_size, damp=config.damp)
+
+
+@dataclass
+class PruneResult:
+    """``weight``: the pruned (and quantized) matrix, float32 ``[rows, cols]``; ``loss``: the OBS estimate
+    ``½ Σ e²`` of the increase of ``||WX - ŴX||²/n`` accumulated over the columns; ``grid``: with ``bits``, the grids
+    used, ``(scale, zero)`` float32 ``[rows, groups]`` (group ``j`` covers columns ``j·group_size …``; one group for
+    ``group_size=-1``), else ``None``."""
+
+    weight: torch.Tensor
+    loss: float
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None

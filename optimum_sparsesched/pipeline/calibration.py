@@ -1,0 +1,92 @@
+"""Calibration data: text from any source -> ``num_samples`` random token windows of ``seq_len``.
+
+Everything goes through `datasets`: local files with ``load_dataset("text", data_files=..., sample_by="document")``
+(each file one document, text kept as written), hub names with ``load_dataset`` of the usual repositories.
+The documents are joined with ``"\\n\\n"``, tokenized once, and ``num_samples`` window starts are drawn uniformly
+with a seeded generator (windows may overlap, as in SparseGPT's scripts). Result: a LongTensor
+``[num_samples, seq_len]``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DATASET_DOCS = ("a path to a .txt file or a folder of .txt files, a list of strings, a datasets.Dataset with a "
+                "'text' column, or a hub name 'wikitext2' / 'c4'")
+
+
+def load_texts(dataset: Any) -> list[str]:
+    """Return the calibration documents named by ``dataset`` (see ``SparseScheduleConfig.dataset``)."""
+    from datasets import Dataset, load_dataset
+
+    if isinstance(dataset, (list, tuple)):
+        texts = list(dataset)
+    elif isinstance(dataset, Dataset):
+        if "text" not in dataset.column_names:
+            raise ValueError(f"dataset: the datasets.Dataset has columns {dataset.column_names}; it needs a 'text' column")
+        texts = list(dataset["text"])
+    elif isinstance(dataset, (str, os.PathLike)) and os.path.exists(dataset):
+        path = Path(dataset)
+        files = sorted(str(p) for p in path.rglob("*.txt")) if path.is_dir() else [str(path)]
+        if not files:
+            raise ValueError(f"dataset: the folder {str(path)!r} holds no .txt file")
+        texts = list(load_dataset("text", data_files=files, sample_by="document", split="train")["text"])
+    elif dataset == "wikitext2":
+        texts = list(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
+        texts = ["".join(texts)]
+    elif dataset == "c4":
+        texts = list(load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                                  split="train")["text"][:20000])
+    else:
+        raise ValueError(f"dataset: {dataset!r} is not valid; allowed: {DATASET_DOCS}")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(f"dataset: {describe(dataset)} holds no text")
+    return texts
+
+
+def describe(dataset: Any) -> str:
+    return repr(dataset) if isinstance(dataset, str) else f"<{type(dataset).__name__}>"
+
+
+def tokenize_corpus(texts: list[str], tokenizer: Any) -> torch.Tensor:
+    """Join the documents with blank lines and tokenize once -> LongTensor ``[n_tokens]``."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids
+    return ids[0].long()
+
+
+def sample_windows(token_ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Draw ``num_samples`` windows of ``seq_len`` consecutive tokens -> LongTensor ``[num_samples, seq_len]``."""
+    n = int(token_ids.numel())
+    if n < seq_len:
+        raise ValueError(f"dataset: the calibration text has {n} tokens, fewer than seq_len={seq_len} needed for one "
+                         f"window; give more text or a smaller seq_len")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seq_len + 1, (num_samples,), generator=generator)
+    return torch.stack([token_ids[s: s + seq_len] for s in starts.tolist()])
+
+
+def calibration_windows(dataset: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``dataset`` -> LongTensor ``[num_samples, seq_len]`` of calibration token windows."""
+    return sample_windows(tokenize_corpus(load_texts(dataset), tokenizer), num_samples, seq_len, seed)
+
+
+def resolve_tokenizer(config: Any, tokenizer: Any, model: Any) -> Any:
+    """The tokenizer object: the argument, else ``config.tokenizer`` (object or name), else the model's path."""
+    tok = tokenizer if tokenizer is not None else config.tokenizer
+    if tok is None:
+        tok = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        if not tok:
+            raise ValueError("tokenizer: the model has no name_or_path; pass tokenizer= (an object or a name/path)")
+    if isinstance(tok, str):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(tok)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"tokenizer: could not load a tokenizer from {tok!r}: {exc}") from exc
+    return tok

@@ -1,0 +1,107 @@
+"""Which weights a run compresses: every ``nn.Linear`` / transformers ``Conv1D`` inside the decoder blocks, minus
+``modules_to_not_convert``; checked against the model before any work.
+
+A compressible module's weight is always handled as a matrix ``W`` ``[out_features, in_features]``
+(:func:`weight_matrix`): GPT-2's ``Conv1D`` stores it transposed, and :func:`set_weight_matrix` writes results back in
+the module's own layout and dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .blocks import find_decoder_blocks
+
+
+def compressible_modules(block: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) inside a block, by name relative to the block."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the module stores its weight as ``[in_features, out_features]`` (transformers' Conv1D)."""
+    return isinstance(module, Conv1D)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out_features, in_features]`` (Conv1D stores it transposed)."""
+    return module.weight.t() if is_transposed(module) else module.weight
+
+
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Write ``w`` ``[out_features, in_features]`` back in the module's own layout and dtype."""
+    w = w.t() if is_transposed(module) else w
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def module_sizes(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """Number of weights of each named module, in the model's module order."""
+    wanted = set(names)
+    return {n: int(m.weight.numel()) for n, m in model.named_modules() if n in wanted and hasattr(m, "weight")}
+
+
+def is_skipped(name: str, skip: Iterable[str]) -> bool:
+    """Whether the qualified module ``name`` is matched by an entry of ``modules_to_not_convert`` (the full name,
+    a dotted suffix, a dotted prefix or a dotted component)."""
+    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") or ("." + s + ".") in name
+               for s in skip)
+
+
+@dataclass
+class CompressionPlan:
+    """The decoder blocks and, per block, the modules compressed in it: ``modules[i]`` maps qualified names to the
+    modules of ``blocks[i]``."""
+
+    blocks: nn.ModuleList
+    modules: list[dict[str, nn.Module]]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Number of weights of every compressed module, in depth order."""
+        return {name: m.weight.numel() for group in self.modules for name, m in group.items()}
+
+    @property
+    def all_modules(self) -> dict[str, nn.Module]:
+        return {name: m for group in self.modules for name, m in group.items()}
+
+
+def _text_config(model: nn.Module) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def plan_compression(model: nn.Module, config: Any) -> CompressionPlan:
+    """Find the blocks and their compressible modules; check ``modules_to_not_convert``, ``seq_len`` and ``pattern``
+    against the model (a ``ValueError`` naming the option, before any work)."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    all_names = [n for n, _ in model.named_modules()]
+    for entry in config.modules_to_not_convert:
+        if entry != "lm_head" and not any(is_skipped(n, [entry]) for n in all_names):
+            raise ValueError(f"modules_to_not_convert: {entry!r} matches no module of {type(model).__name__}; "
+                             f"module names look like {all_names[min(5, len(all_names) - 1)]!r}")
+    modules = []
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{i}." if blocks_name else f"{i}."
+        modules.append({prefix + n: m for n, m in compressible_modules(block).items()
+                        if not is_skipped(prefix + n, config.modules_to_not_convert)})
+    if not any(modules):
+        raise ValueError(f"model: {type(model).__name__} has no compressible nn.Linear/Conv1D inside its decoder "
+                         f"blocks (after modules_to_not_convert={config.modules_to_not_convert})")
+    text_config = _text_config(model)
+    max_positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if max_positions is not None and config.seq_len > max_positions:
+        raise ValueError(f"seq_len: {config.seq_len} is longer than the model's {max_positions} positions; "
+                         f"allowed: 1..{max_positions}")
+    nm = config.nm
+    if nm is not None:
+        for group in modules:
+            for name, m in group.items():
+                cols = weight_matrix(m).shape[1]
+                if cols % nm[1]:
+                    raise ValueError(f"pattern: {config.pattern!r} needs the input size of every module to be a "
+                                     f"multiple of M={nm[1]}; {name} has {cols} inputs")
+    return CompressionPlan(blocks=blocks, modules=modules)

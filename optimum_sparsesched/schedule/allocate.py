@@ -1,0 +1,88 @@
+"""The schedule of a run: from the measured statistics (:mod:`.statistics`) to one target sparsity per module,
+with the allocators of :mod:`.allocators`. A layer is a decoder block: every module of a block gets the block's
+sparsity.
+
+``hessian`` (default): per block the damage curve ``D_b(s) = P_b · L_b(s)`` (``error_metric="kl-alone"``: ``L_b``
+the block's summed OBS local loss curve, ``P_b`` its measured end-to-end damage over ``L_b(target)``;
+``error_metric="obs"``: the paper's literal ``L_b`` alone); the damage at the target is clustered into log levels
+(:func:`.allocators.level_schedule`) inside the range ``[lo, hi]``. ``sparsity_range="auto"`` takes the range
+spanned by the damage-minimising allocation of those curves (:func:`.allocators.optimal_allocation`) searched
+inside ``target ± 0.3``, widened to contain the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..pipeline.plan import CompressionPlan
+from .allocators import level_schedule, optimal_allocation, owl_schedule, ramp_schedule, uniform_schedule
+from .statistics import LayerStatistics
+
+AUTO_SEARCH_HALF_WIDTH = 0.3  # "auto" ranges are searched inside target ± this, within [0, 0.99]
+RAMP_DEFAULT_HALF_WIDTH = 0.1
+
+
+@dataclass
+class Allocation:
+    """Per-module target sparsities, the per-module error estimates they were allocated from (empty when the
+    schedule estimates none) and the sparsity range used (``None`` when the schedule has none)."""
+
+    targets: dict[str, float]
+    estimates: dict[str, float]
+    resolved_range: list[float] | None = None
+
+
+def needs_statistics(config: Any) -> bool:
+    """Whether the schedule allocates from measured statistics (a dense pass over the probe windows first)."""
+    return config.schedule in ("hessian", "owl") and config.sparsity > 0
+
+
+def measures_damage(config: Any) -> bool:
+    """Whether that pass also measures each block's end-to-end damage (the KL streams)."""
+    return needs_statistics(config) and config.schedule == "hessian" and config.error_metric != "obs"
+
+
+def allocate_sparsities(plan: CompressionPlan, config: Any, stats: LayerStatistics | None) -> Allocation:
+    """The schedule's per-module sparsities; parameter-weighted, they average exactly to ``config.sparsity``."""
+    sizes = plan.sizes
+    s = config.sparsity
+    if config.schedule == "uniform" or s == 0:
+        return Allocation(uniform_schedule(sizes, s), {})
+    layers = {f"block.{i}": list(group) for i, group in enumerate(plan.modules) if group}
+    layer_sizes = {layer: sum(sizes[n] for n in names) for layer, names in layers.items()}
+    manual = tuple(config.sparsity_range) if config.sparsity_range != "auto" else None
+
+    def per_module(per_layer: dict[str, float]) -> dict[str, float]:
+        return {n: per_layer[layer] for layer, names in layers.items() for n in names}
+
+    if config.schedule == "ramp":
+        lo, hi = manual or (max(0.0, s - RAMP_DEFAULT_HALF_WIDTH), min(0.99, s + RAMP_DEFAULT_HALF_WIDTH))
+        return Allocation(per_module(ramp_schedule(layer_sizes, s, lo, hi)), {})
+    assert stats is not None, "the owl and hessian schedules allocate from measured statistics"
+    if config.schedule == "owl":
+        ratios = {f"block.{i}": stats.owl_ratio_block[i] for i, g in enumerate(plan.modules) if g}
+        lam = (manual[1] - manual[0]) / 2 if manual else config.owl_lambda
+        return Allocation(per_module(owl_schedule(ratios, layer_sizes, s, lam)), per_module(ratios))
+    # hessian
+    t = int(round(s * (len(stats.grid) - 1)))
+    local = {layer: sum(stats.curves[n] for n in names) for layer, names in layers.items()}
+    curves = dict(local)
+    if config.error_metric != "obs":
+        assert stats.block_damage is not None
+        for i, group in enumerate(plan.modules):
+            if group:
+                layer = f"block.{i}"
+                curves[layer] = stats.block_damage[i] / max(float(local[layer][t]), 1e-30) * local[layer]
+    errors = {layer: max(float(c[t]), 1e-30) for layer, c in curves.items()}
+    estimates = {n: errors[layer] * float(stats.curves[n][t]) / (float(local[layer][t]) or 1.0)
+                 for layer, names in layers.items() for n in names}
+    if manual:
+        lo, hi = manual
+    else:
+        box = (max(0.0, s - AUTO_SEARCH_HALF_WIDTH), min(0.99, s + AUTO_SEARCH_HALF_WIDTH))
+        grid = stats.grid.tolist()
+        best = optimal_allocation({k: (grid, c.tolist()) for k, c in curves.items()}, layer_sizes, s, *box)
+        lo, hi = min(min(best.values()), s), max(max(best.values()), s)
+    per_layer = level_schedule(errors, layer_sizes, s, lo, hi, config.num_levels)
+    return Allocation(per_module(per_layer), estimates, [lo, hi])

@@ -1,0 +1,168 @@
+"""Per-layer statistics that non-uniform schedules allocate from, measured on the dense model.
+
+**OBS saliency curve** (Zhang et al., arXiv 2409.20094). With ``U`` the upper Cholesky factor of ``H⁻¹``
+(``H⁻¹ = UᵀU``), removing weight ``w_rq`` while the columns before ``q`` are already fixed and those after it
+compensate costs ``ε_rq = w_rq² / U_qq²`` (``U_qq²`` is the ``(q, q)`` entry of the inverse of the Hessian
+restricted to the columns ``≥ q``: exactly the OBS cost of the SparseGPT scan). The layer's local loss at sparsity
+``s`` is ``L(s) = ½ Σ`` of its ``s``-fraction of smallest ``ε``: a convex, increasing curve read off one sort.
+
+**Why one H⁻¹ per layer is enough ("sequentially pruning all").** SparseGPT prunes column by column; each step
+needs the inverse Hessian of the not-yet-fixed columns. Those inverses are the successive Schur complements of
+``H⁻¹``, and the rows of one Cholesky factor ``U`` of ``H⁻¹`` hold them all: fixing column ``q`` removes row and
+column ``q``, and the next Schur complement's first row is ``U[q+1, q+1:]·U[q+1, q+1]``. Because every row of ``W``
+is pruned in the same column order, the single ``U`` serves all rows and all steps; it only has to be computed once,
+from the Hessian of the layer's (already upstream-compressed) inputs. The same factor gives every ``ε_rq`` above,
+so the estimate costs one sort per layer on top of what pruning computes anyway.
+
+**Why the local loss is not enough, and what we measure instead** (``error_metric="kl-alone"``, the default).
+``L_l(s)`` is in units of the layer's output energy, which grows with depth (residual stream scale), and it ignores
+how much of a layer's error survives to the model's output: an error made in block 0 passes through every later
+block. Read literally, the rule prunes the early blocks hardest. So the damage of block ``b`` is measured end to
+end: on ``probe_samples`` calibration windows, block ``b`` alone is pruned at the target sparsity with SparseGPT
+(its Hessian from the dense inputs), the perturbed stream runs through the dense blocks after it, and the damage is
+``D_b = mean_tokens KL(p_dense ‖ p_pruned)`` of the next-token distributions. All streams advance together block by
+block (each block visits the device once). The local curve supplies the shape in ``s``:
+``D_b(s) ≈ P_b · L_b(s)`` with the propagation factor ``P_b = D_b / L_b(s_target)``; a module's share of its
+block's damage is its share of ``L_b``.
+
+**OWL statistics.** Wanda scores ``|W_ij| · ||X_j||`` (``||X_j||² ∝ H_jj``) and the fraction of them above
+``M`` × their block mean.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..obs.inverse import InverseHessian
+from ..obs.prune import prune
+from ..obs.spec import PruneSpec
+from ..pipeline.blocks import (
+    BlockInputs,
+    block_on_device,
+    find_decoder_blocks,
+    forwards_replaced,
+    head_and_embeddings_on,
+    run_block,
+)
+from ..pipeline.hessians import collect_block_hessians
+from ..pipeline.plan import CompressionPlan, set_weight_matrix, weight_matrix
+
+CURVE_POINTS = 201  # sparsity grid 0, 0.005, ..., 1
+
+
+def saliencies(W: torch.Tensor, H: torch.Tensor | InverseHessian, damp: float = 0.01) -> torch.Tensor:
+    """OBS saliencies ``ε = W² / diag(U)²`` ``[rows, cols]`` (float32), ``U`` = upper Cholesky factor of
+    ``(H + λI)⁻¹``; dead inputs (``H_ii = 0``) cost nothing."""
+    W = W.detach().to(torch.float32)
+    inverse = H if isinstance(H, InverseHessian) else InverseHessian(H.to(W.device), damp)
+    eps = W**2 / torch.diag(inverse.factor()).unsqueeze(0) ** 2
+    eps[:, inverse.dead] = 0.0
+    return eps
+
+
+def local_loss_curve(eps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``L(s) = ½ Σ`` of the ``s``-fraction of smallest saliencies, for each ``s`` in ``grid`` -> float64 ``[len(grid)]``."""
+    flat = torch.sort(eps.flatten().double()).values
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64, device=flat.device), torch.cumsum(flat, 0)])
+    idx = torch.round(grid.double().to(flat.device) * flat.numel()).long().clamp(0, flat.numel())
+    return 0.5 * csum[idx].cpu()
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
+    """Fraction of Wanda scores above ``m`` × their mean (over all the given score matrices together)."""
+    total = sum(float(s.double().sum()) for s in scores)
+    count = sum(s.numel() for s in scores)
+    mean = total / count
+    return sum(int((s > m * mean).sum()) for s in scores) / count
+
+
+@dataclass
+class LayerStatistics:
+    """Per-module local loss curves ``curves[name]`` on ``grid``, the OWL outlier ratio of every block, and (when
+    measured) the end-to-end damage ``block_damage[b]`` of every block pruned alone at the target."""
+
+    grid: torch.Tensor
+    curves: dict[str, torch.Tensor] = field(default_factory=dict)
+    owl_ratio_block: list[float] = field(default_factory=list)
+    block_damage: list[float] | None = None
+
+
+@torch.no_grad()
+def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, hidden: torch.Tensor,
+                            returns_tuple: bool) -> torch.Tensor:
+    """Run the model's own head (final norm, projections, lm_head, soft-capping ...) on ``hidden``, the output of
+    its last decoder block, by replacing every block of ``blocks`` with a pass-through that emits ``hidden``."""
+    def emit(h, *args, **kwargs):
+        return (hidden, None) if returns_tuple else hidden
+
+    with forwards_replaced(blocks, lambda _index: emit):
+        return model(input_ids=input_ids, use_cache=False).logits
+
+
+def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return float((logp_ref.exp() * (logp_ref - logq)).sum(-1).mean())
+
+
+@torch.no_grad()
+def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs,
+                             probe_windows: torch.Tensor, config: Any, device: torch.device,
+                             measure_damage: bool) -> LayerStatistics:
+    """Dense pass over the blocks on the probe windows ``[p, seq_len]`` (``inputs.hidden[:p]`` are their block-0
+    inputs): local loss curves, OWL ratios and, with ``measure_damage``, the end-to-end damage ``D_b`` of pruning
+    block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``."""
+    grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
+    stats = LayerStatistics(grid=grid)
+    dense = [h.clone() for h in inputs.hidden[: len(probe_windows)]]
+    streams: list[list[torch.Tensor]] = []  # streams[b]: the probe windows with block b pruned, at the current depth
+    alone = PruneSpec(config.sparsity, block_size=config.block_size, damp=config.damp)  # unstructured, unquantized
+    for index, block in enumerate(plan.blocks):
+        with block_on_device(block, device) as on:
+            modules = plan.modules[index]
+            args, kwargs = inputs.args[index], inputs.kwargs[index]
+            dense_out: list[torch.Tensor] = []
+            accumulators = collect_block_hessians(block, modules, inputs, index, on, dense, dense_out)
+            inverses = {id(a): InverseHessian(a.H, config.damp) for a in accumulators.values()}
+            hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
+            scores = {}
+            for name, m in modules.items():
+                W, H = weight_matrix(m), accumulators[name].H
+                stats.curves[name] = local_loss_curve(saliencies(W, hessians[name]), grid)
+                scores[name] = W.detach().abs().float() * torch.sqrt(torch.diag(H)).unsqueeze(0)
+            stats.owl_ratio_block.append(outlier_ratio(list(scores.values()), config.owl_m))
+            if measure_damage:
+                pruned = copy.deepcopy(block)
+                relative = {id(m): n for n, m in block.named_modules()}
+                pruned_modules = dict(pruned.named_modules())
+                for name, m in modules.items():
+                    target = pruned_modules[relative[id(m)]]
+                    set_weight_matrix(target, prune(weight_matrix(target), hessians[name], alone).weight)
+                streams[:] = [[run_block(block, h, args, kwargs, on, inputs.returns_tuple).to(h.device) for h in s]
+                              for s in streams]
+                streams.append([run_block(pruned, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
+                                for h in dense])
+                del pruned
+            dense = dense_out
+    if measure_damage:
+        stats.block_damage = _stream_damage(model, probe_windows, dense, streams, inputs.returns_tuple, device)
+    return stats
+
+
+def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) -> list[float]:
+    """Mean per-token KL(dense ‖ perturbed) of every stream's next-token distribution."""
+    damage = [0.0] * len(streams)
+    _, blocks = find_decoder_blocks(model)
+    with head_and_embeddings_on(model, device):
+        for w in range(len(windows)):
+            ids = windows[w].unsqueeze(0).to(device)
+            ref = torch.log_softmax(logits_from_last_hidden(model, blocks, ids, dense_final[w].to(device), returns_tuple)
+                                    .float(), dim=-1)
+            for b, stream in enumerate(streams):
+                logits = logits_from_last_hidden(model, blocks, ids, stream[w].to(device), returns_tuple)
+                damage[b] += _kl_per_token(ref, logits) / len(windows)
+    return damage
