@@ -25,8 +25,9 @@ from .obs.inverse import InverseHessian
 from .obs.prune import KERNEL_ENV, check_kernel, prune
 from .obs.spec import PruneSpec
 from .pipeline.blocks import BlockInputs, block_on_device, capture_block_inputs, run_block
-from .pipeline.calibration import calibration_windows, resolve_tokenizer
+from .pipeline.calibration import calibration_windows, check_token_ids, resolve_tokenizer
 from .pipeline.checkpoint import BlockCheckpoint, block_state, fingerprint, restore_block
+from .pipeline.digest import block_digest, outside_digest
 from .pipeline.distributed import DistributedContext, init_distributed
 from .pipeline.hessians import collect_block_hessians
 from .pipeline.plan import CompressionPlan, plan_compression, set_weight_matrix, weight_matrix
@@ -90,9 +91,10 @@ def measure_schedule(model: nn.Module, plan: CompressionPlan, inputs: BlockInput
 def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: Any = None) -> nn.Module:
     """Prune (and optionally quantize) ``model`` in place with SparseGPT under ``config``'s schedule.
 
-    Every check against the model and the options runs before any work. Fills ``config.results``
-    (``layer_sparsities``: achieved zero fraction per module; ``layer_errors``: the schedule's estimates, else the
-    OBS loss of every module; ``resolved_range``) and sets ``model.config.quantization_config = config``.
+    Every check against the model and the options runs before any work (a ``checkpoint_dir`` is opened, locked and
+    proven writable before calibration). Fills ``config.results`` (``layer_sparsities``: achieved zero fraction per
+    module; ``layer_errors``: the schedule's estimates, else the OBS loss of every module; ``resolved_range``) and
+    sets ``model.config.quantization_config = config``.
     """
     kernel = check_kernel(os.environ.get(KERNEL_ENV, "auto"), KERNEL_ENV)
     plan = plan_compression(model, config)
@@ -100,14 +102,33 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     damage = int(measures_damage(config))
     working = plan_residency(model, plan, config, damage)  # refuses a budget too small for one block
     tok = resolve_tokenizer(config, tokenizer, model)
-    windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
-
     ctx = init_distributed()
+    checkpoint = BlockCheckpoint(config.checkpoint_dir) if config.checkpoint_dir else None
+    if checkpoint is not None and ctx.is_main:
+        checkpoint.open()  # unwritable, or in use by another run: refused here, before any work
+    try:
+        return _compress(model, config, plan, working, damage, tok, kernel, ctx, checkpoint)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+
+
+def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionPlan, working: Any, damage: int,
+              tok: Any, kernel: str, ctx: DistributedContext, checkpoint: BlockCheckpoint | None) -> nn.Module:
+    windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
+    check_token_ids(windows, model)
     device = compute_device()
-    checkpoint = manifest = None
-    if config.checkpoint_dir:
-        checkpoint = BlockCheckpoint(config.checkpoint_dir, fingerprint(config, windows, model))
+    manifest = None
+    digests: dict[int, str] = {}
+    if checkpoint is not None:
+        checkpoint.fingerprint = fingerprint(config, windows, model)
         manifest = checkpoint.load()
+        outside = outside_digest(model, plan.blocks)
+        if manifest is not None:  # the weights must be those the saved blocks were made from; nothing touched yet
+            checkpoint.check_weights(manifest, outside, lambda i: block_digest(plan.blocks[i]))
+            digests = {int(k): v for k, v in manifest["weights"]["blocks"].items()}
+        elif needs_statistics(config):  # the schedule reads every block: a resume must find all of them unchanged
+            digests = {i: block_digest(b) for i, b in enumerate(plan.blocks)}
     was_training = model.training
     model.eval()
     inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device)
@@ -119,7 +140,8 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     else:
         allocation = measure_schedule(model, plan, inputs, windows, config, device, residency.storage, ctx)
         if checkpoint is not None and ctx.is_main:
-            manifest = checkpoint.start(allocation.targets, allocation.estimates, allocation.resolved_range)
+            manifest = checkpoint.start(allocation.targets, allocation.estimates, allocation.resolved_range,
+                                        outside, digests)
     finished = manifest["finished_blocks"] if manifest is not None else 0
     achieved: dict[str, float] = dict(manifest["achieved"]) if manifest is not None else {}
     losses: dict[str, float] = dict(manifest["errors"]) if manifest is not None else {}
@@ -128,9 +150,14 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     progress = tqdm(total=len(plan.blocks), desc="sparsegpt", unit="block", mininterval=0)
     for index, block in enumerate(plan.blocks):
         modules = plan.modules[index]
+        saved = checkpoint.load_block(manifest, index) if index < finished else None
+        if index < finished and not all(ctx.merge_dicts({ctx.rank: saved is not None}).values()):
+            finished = index  # a damaged block file: recompute it and every block after it
+        if checkpoint is not None and index >= finished and index not in digests:
+            digests[index] = block_digest(block)  # its weights before compression
         with block_on_device(block, device) as on:
             if index < finished:
-                restore_block(modules, checkpoint.load_block(index))
+                restore_block(modules, saved)
             else:
                 accumulators = collect_block_hessians(block, modules, inputs, index, on)
                 losses.update(compress_block(modules, accumulators, allocation.targets, config, on, kernel, ctx))
@@ -141,8 +168,8 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
                 out = run_block(block, h, inputs.args[index], inputs.kwargs[index], on, inputs.returns_tuple)
                 inputs.hidden[j] = store(out, h)
         if checkpoint is not None and index >= finished and ctx.is_main:
-            checkpoint.save_block(manifest, index, block_state(modules),
-                                  {n: achieved[n] for n in modules}, {n: losses[n] for n in modules})
+            checkpoint.save_block(manifest, index, block_state(modules), {n: achieved[n] for n in modules},
+                                  {n: losses[n] for n in modules}, digests[index])
         progress.set_postfix(err=f"{sum(losses.values()):.4g}", refresh=False)
         progress.update()
     progress.close()
