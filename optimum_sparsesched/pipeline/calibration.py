@@ -9,6 +9,7 @@ with a seeded generator (windows may overlap, as in SparseGPT's scripts). Result
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ def load_texts(dataset: Any) -> list[str]:
         files = sorted(str(p) for p in path.rglob("*.txt")) if path.is_dir() else [str(path)]
         if not files:
             raise ValueError(f"dataset: the folder {str(path)!r} holds no .txt file")
-        texts = list(load_dataset("text", data_files=files, sample_by="document", split="train")["text"])
+        with _quiet_datasets():  # no "Generating train split" bar for a local text file
+            texts = list(load_dataset("text", data_files=files, sample_by="document", split="train")["text"])
     elif dataset == "wikitext2":
         texts = list(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
         texts = ["".join(texts)]
@@ -47,6 +49,20 @@ def load_texts(dataset: Any) -> list[str]:
     if not texts:
         raise ValueError(f"dataset: {describe(dataset)} holds no text")
     return texts
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Turn off `datasets`' progress bars (its own switch) while a local file loads; restore them after."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def describe(dataset: Any) -> str:
