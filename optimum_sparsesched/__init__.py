@@ -34,5 +34,5 @@ if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not SparseScheduleQuantizer:
 PERPLEXITY_METRIC = str(Path(__file__).parent / "eval" / "metrics" / "sparse_perplexity")
 
 __all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "CompressionResults", "compress", "perplexity",
-           "PERPLEXITY_METRIC", "zero_shot", "record_eval_result", "record_zero_shot", "build_model_card", "push_to_hub",
-           "to_semi_structured", "from_semi_structured"]
+           "PERPLEXITY_METRIC", "zero_shot", "record_eval_result", "record_zero_shot", "build_model_card",
+           "push_to_hub", "to_semi_structured", "from_semi_structured"]

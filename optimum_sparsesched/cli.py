@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_inputs import (EMBEDDED, UsageError, check_eval_text, check_output_folder, check_text_source, config_from_args,
-                         load_model, parse_tasks)
+from .cli_inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref, check_output_folder,
+                         check_text_source, config_from_args, load_model, parse_tasks)
 from .cli_options import build_parser
+
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -113,6 +114,7 @@ def _compress(a: argparse.Namespace) -> int:
 
     out = check_output_folder(a.out, a.output, a.model)
     cfg = config_from_args(a)
+    check_model_ref(a.model)
     check_text_source(cfg.dataset, "--dataset")
     tasks = parse_tasks(a.tasks, a.task_path)
     texts = [] if a.no_eval else [check_eval_text(a.eval_text or str(EVALUATION_TEXT), "--eval-text")]

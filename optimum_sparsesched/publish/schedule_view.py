@@ -1,5 +1,5 @@
 """The schedule of a compressed model as the card shows it: per-block rows (parameter-weighted sparsity and every
-module), a compact view (one sentence for a uniform schedule, runs of blocks otherwise) and a bar plot."""
+module), a compact view (one sentence for a uniform schedule, a few rows otherwise) and a bar plot."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 MAX_MODULE_COLUMNS = 12
 #: blocks whose sparsities differ by less than this are shown as one uniform schedule (no plot)
 UNIFORM_TOLERANCE = 0.005
+#: rows of the compact schedule view (levels, or groups of consecutive blocks)
+MAX_VIEW_ROWS = 8
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
 
@@ -106,22 +108,40 @@ def is_uniform(rows: list[BlockRow]) -> bool:
     return max(values) - min(values) < UNIFORM_TOLERANCE
 
 
+def _spans(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0–2, 5, 7–8"``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][-1] + 1:
+            spans[-1].append(i)
+        else:
+            spans.append([i])
+    return ", ".join(str(s[0]) if len(s) == 1 else f"{s[0]}–{s[-1]}" for s in spans)
+
+
 def schedule_view(rows: list[BlockRow], resolved_range: Any = None) -> str:
-    """One sentence for a uniform schedule; else the runs of consecutive blocks at the same sparsity (to 0.01)."""
+    """The schedule in a few lines: one sentence for a uniform schedule; for a few distinct sparsities (the
+    ``hessian`` schedule's levels) one row per sparsity with its blocks; else (a continuous schedule: ramp, OWL)
+    the blocks in about ``MAX_VIEW_ROWS`` consecutive groups with their mean and range."""
     blocks = [r for r in rows if r.index is not None]
     if not blocks or is_uniform(rows):
         value = sum(r.sparsity for r in rows) / len(rows)
         return f"Every decoder block is at sparsity {value:.3f}."
-    runs: list[list[BlockRow]] = []
+    levels: dict[str, list[int]] = {}
     for row in blocks:
-        if runs and round(runs[-1][-1].sparsity, 2) == round(row.sparsity, 2):
-            runs[-1].append(row)
-        else:
-            runs.append([row])
-    cells = [(f"{run[0].index}" if len(run) == 1 else f"{run[0].index}–{run[-1].index}",
-              f"{sum(r.sparsity for r in run) / len(run):.2f}") for run in runs]
-    text = "| blocks | " + " | ".join(c[0] for c in cells) + " |\n|" + "---|" * (len(cells) + 1)
-    text += "\n| sparsity | " + " | ".join(c[1] for c in cells) + " |"
+        levels.setdefault(f"{row.sparsity:.2f}", []).append(row.index)
+    if len(levels) <= MAX_VIEW_ROWS:
+        lines = ["| sparsity | decoder blocks |", "|---|---|"]
+        lines += [f"| {value} | {_spans(levels[value])} |" for value in sorted(levels)]
+    else:
+        size = -(-len(blocks) // MAX_VIEW_ROWS)
+        lines = ["| decoder blocks | mean sparsity | range |", "|---|---|---|"]
+        for k in range(0, len(blocks), size):
+            group = blocks[k: k + size]
+            values = [r.sparsity for r in group]
+            lines.append(f"| {_spans([r.index for r in group])} | {sum(values) / len(values):.3f} | "
+                         f"{min(values):.3f}–{max(values):.3f} |")
+    text = "\n".join(lines)
     if resolved_range:
         text = f"Per-block sparsity in [{resolved_range[0]:.3f}, {resolved_range[1]:.3f}]:\n\n" + text
     return text

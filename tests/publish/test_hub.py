@@ -165,13 +165,17 @@ def test_a_uniform_schedule_is_one_sentence_and_no_plot(tokenizer, tmp_path):
     assert str(tmp_path) not in card.text
 
 
-def test_schedule_view_groups_runs_of_blocks():
+def test_schedule_view_is_a_few_rows():
     from optimum_sparsesched.publish.schedule_view import schedule_view
 
-    sparsities = {f"model.layers.{i}.mlp.up_proj": s for i, s in enumerate([0.4, 0.4, 0.5, 0.6, 0.6, 0.6])}
-    view = schedule_view(block_rows(sparsities), [0.4, 0.6])
-    assert view.splitlines()[0] == "Per-block sparsity in [0.400, 0.600]:"
-    assert "| blocks | 0–1 | 2 | 3–5 |" in view and "| sparsity | 0.40 | 0.50 | 0.60 |" in view
+    levels = [0.4, 0.4, 0.5, 0.6, 0.4, 0.6, 0.6]  # a few levels: one row per level with its blocks
+    view = schedule_view(block_rows({f"model.layers.{i}.mlp.up_proj": s for i, s in enumerate(levels)}), [0.4, 0.6])
+    assert view.splitlines() == ["Per-block sparsity in [0.400, 0.600]:", "", "| sparsity | decoder blocks |",
+                                 "|---|---|", "| 0.40 | 0–1, 4 |", "| 0.50 | 2 |", "| 0.60 | 3, 5–6 |"]
+    ramp = {f"model.layers.{i}.mlp.up_proj": 0.4 + 0.01 * i for i in range(30)}  # continuous: 8 groups of blocks
+    rows = schedule_view(block_rows(ramp)).splitlines()
+    assert rows[:3] == ["| decoder blocks | mean sparsity | range |", "|---|---|---|", "| 0–3 | 0.415 | 0.400–0.430 |"]
+    assert len(rows) == 2 + 8 and rows[-1] == "| 28–29 | 0.685 | 0.680–0.690 |"
 
 
 def test_record_eval_result_validates_replaces_and_keeps_the_fingerprint(compressed, tokenizer):
