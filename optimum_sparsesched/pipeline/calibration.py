@@ -10,6 +10,7 @@ with a seeded generator (windows may overlap, as in SparseGPT's scripts). Result
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ def load_texts(dataset: Any) -> list[str]:
         if not files:
             raise ValueError(f"dataset: the folder {str(path)!r} holds no .txt file")
         try:
-            texts = list(load_dataset("text", data_files=files, sample_by="document", split="train")["text"])
+            with _quiet_datasets():  # no "Generating train split" bar for a local text file
+                texts = list(load_dataset("text", data_files=files, sample_by="document", split="train")["text"])
         except Exception as exc:  # datasets hides a decode error under DatasetGenerationError: name the file
             bad = first_non_utf8(files)
             if bad is None:
@@ -75,6 +77,20 @@ def first_non_utf8(files: list[str]) -> tuple[str, str] | None:
             except UnicodeDecodeError:
                 return name, f"a multi-byte sequence cut off at the end (offset {offset})"
     return None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Turn off `datasets`' progress bars (its own switch) while a local file loads; restore them after."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def describe(dataset: Any) -> str:

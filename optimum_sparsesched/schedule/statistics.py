@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..obs.inverse import InverseHessian
 from ..obs.prune import prune
@@ -121,7 +122,7 @@ def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: Bl
     dense = [h.clone() for h in inputs.hidden[: len(probe_windows)]]
     streams: list[list[torch.Tensor]] = []  # streams[b]: the probe windows with block b pruned, at the current depth
     alone = PruneSpec(config.sparsity, block_size=config.block_size, damp=config.damp)  # unstructured, unquantized
-    for index, block in enumerate(plan.blocks):
+    for index, block in enumerate(tqdm(plan.blocks, desc="schedule: measure", unit="block")):
         with block_on_device(block, device) as on:
             modules = plan.modules[index]
             args, kwargs = inputs.args[index], inputs.kwargs[index]
@@ -158,7 +159,7 @@ def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) 
     damage = [0.0] * len(streams)
     _, blocks = find_decoder_blocks(model)
     with head_and_embeddings_on(model, device):
-        for w in range(len(windows)):
+        for w in tqdm(range(len(windows)), desc="schedule: KL damage", unit="window"):
             ids = windows[w].unsqueeze(0).to(device)
             ref = torch.log_softmax(logits_from_last_hidden(model, blocks, ids, dense_final[w].to(device), returns_tuple)
                                     .float(), dim=-1)
