@@ -8,7 +8,7 @@ import inspect
 from typing import Any
 
 from .cli_inputs import DTYPES, EMBEDDED
-from .config import ERROR_METRICS, EXPORT_FORMATS, SCHEDULES, SparseScheduleConfig
+from .config import ERROR_METRICS, EXPORT_FORMATS, PRESETS, SCHEDULES, SOLVERS, SparseScheduleConfig
 from .eval.perplexity import DEFAULT_SEQ_LEN
 
 
@@ -40,6 +40,12 @@ def _compress_parser(sub: Any) -> None:
     g.add_argument("--group-size", type=int, default=d["group_size"], help="quantization group along the inputs, "
                    f"> 0 or -1 (per output channel) [{d['group_size']}]")
     g.add_argument("--sym", action="store_true", help="symmetric quantization grid [asymmetric]")
+    g.add_argument("--preset", default=d["preset"], choices=list(PRESETS), help="solver and search when not given: "
+                   + "; ".join(f"{k}: {v['solver']}, {v['search_steps']} search steps" for k, v in PRESETS.items())
+                   + f" [{d['preset']}]")
+    g.add_argument("--solver", default=None, choices=SOLVERS, help="layer solver: sparsegpt (the OBS scan), refit "
+                   "(its kept weights refitted exactly), admm (mask searched by ADMM, then refitted) [the preset's: "
+                   f"{PRESETS[d['preset']]['solver']}]")
     g.add_argument("--damp", type=float, default=d["damp"], help=f"Hessian damping, fraction of mean(diag H) "
                    f"[{d['damp']}]")
     g.add_argument("--block-size", type=int, default=d["block_size"], help=f"OBS column block [{d['block_size']}]")
@@ -54,6 +60,8 @@ def _compress_parser(sub: Any) -> None:
                    help=f"range of per-layer sparsities, 0 <= LO <= sparsity <= HI < 1 [{d['sparsity_range']}]")
     s.add_argument("--num-levels", type=int, default=d["num_levels"], help=f"hessian log-error levels "
                    f"[{d['num_levels']}]")
+    s.add_argument("--search-steps", type=int, default=None, help="steps of the KL-scored allocation search on the "
+                   f"hessian schedule, 0 = none [the preset's: {PRESETS[d['preset']]['search_steps']}]")
     s.add_argument("--owl-m", type=float, default=d["owl_m"], help=f"OWL outlier threshold M [{d['owl_m']}]")
     s.add_argument("--owl-lambda", type=float, default=d["owl_lambda"], help=f"OWL sparsity spread "
                    f"[{d['owl_lambda']}]")

@@ -23,6 +23,15 @@ QUANT_METHOD = "sparse_schedule"
 
 SCHEDULES = ("hessian", "uniform", "owl", "ramp")
 ERROR_METRICS = ("kl-alone", "obs")
+SOLVERS = ("sparsegpt", "refit", "admm")
+#: what a preset sets when ``solver`` / ``search_steps`` are not given (the search needs the ``hessian`` schedule;
+#: with another schedule a preset's search is off). Measured trade-offs: README, "Presets".
+PRESETS = {
+    "sparsegpt": {"solver": "sparsegpt", "search_steps": 0},
+    "default": {"solver": "refit", "search_steps": 0},
+    "quality": {"solver": "admm", "search_steps": 8},
+}
+MAX_SEARCH_STEPS = 10_000
 HUB_DATASETS = ("wikitext2", "c4")
 SUPPORTED_BITS = (None, 4, 8)
 MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -167,6 +176,16 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             paper's local OBS loss, read literally: a baseline).
         probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
+        preset: ``"default"`` (``solver="refit"``, no search), ``"quality"`` (``solver="admm"`` and an allocation
+            search of 8 steps on the ``hessian`` schedule) or ``"sparsegpt"`` (the paper's solver, no search): the
+            values of ``solver`` and ``search_steps`` not given explicitly.
+        solver: the layer solver (default: the preset's): ``"sparsegpt"`` (the OBS scan of the paper), ``"refit"``
+            (the scan's mask, its kept weights refitted exactly by conjugate gradients) or ``"admm"`` (the mask
+            searched by ADMM with a growing penalty, as ALPS, then refitted). Per layer the refined result is kept
+            only when its loss on the damped Hessian is below the scan's (see :mod:`.obs.admm`).
+        search_steps: steps of the allocation search that refines the ``hessian`` schedule's per-block sparsities
+            by the KL divergence of the pruned model from the dense one on the probe windows (see
+            :mod:`.schedule.search`); 0 = no search; default: the preset's.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             (weights included) resumes from the last finished block. Never written into config.json.
         max_device_memory: byte budget on the compute device (GPU) during compression: ``None`` (no cap), an int
@@ -224,6 +243,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         export_format: str = "compact",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
+        preset: str = "default",
+        solver: str | None = None,
+        search_steps: int | None = None,
         results: CompressionResults | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -251,6 +273,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.export_format = export_format
         self.owl_m = owl_m
         self.owl_lambda = owl_lambda
+        self.preset = preset
+        self.solver = solver
+        self.search_steps = search_steps
         self.results = results if isinstance(results, CompressionResults) else CompressionResults.from_dict(results)
         kwargs.pop("quant_method", None)
         if kwargs:
@@ -270,6 +295,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             raise _bad("schedule", self.schedule, " | ".join(repr(x) for x in SCHEDULES))
         if self.error_metric not in ERROR_METRICS:
             raise _bad("error_metric", self.error_metric, " | ".join(repr(x) for x in ERROR_METRICS))
+        self._check_preset()
         self._check_range()
         for name in ("num_levels", "probe_samples"):
             v = getattr(self, name)
@@ -333,6 +359,23 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         if not (tok is None or (bool(tok.strip()) if isinstance(tok, str) else callable(tok))):
             raise _bad("tokenizer", tok if isinstance(tok, (str, int, float)) else type(tok).__name__,
                        "None (the model's own), a tokenizer object (callable on text), or a model name/path")
+
+    def _check_preset(self) -> None:
+        if self.preset not in PRESETS:
+            raise _bad("preset", self.preset, " | ".join(repr(x) for x in PRESETS))
+        chosen = PRESETS[self.preset]
+        if self.solver is None:
+            self.solver = chosen["solver"]
+        if self.solver not in SOLVERS:
+            raise _bad("solver", self.solver, " | ".join(repr(x) for x in SOLVERS))
+        steps = self.search_steps
+        if steps is None:
+            self.search_steps = chosen["search_steps"] if self.schedule == "hessian" and self.sparsity > 0 else 0
+        elif isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_SEARCH_STEPS:
+            raise _bad("search_steps", steps, f"an integer from 0 (no search) to {MAX_SEARCH_STEPS}")
+        elif steps and self.schedule != "hessian":
+            raise _bad("search_steps", steps, f"0 with schedule={self.schedule!r} (the search refines the 'hessian' "
+                       "schedule's allocation)")
 
     def _check_range(self) -> None:
         r = self.sparsity_range

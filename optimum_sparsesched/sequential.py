@@ -33,6 +33,7 @@ from .pipeline.hessians import collect_block_hessians
 from .pipeline.plan import CompressionPlan, plan_compression, set_weight_matrix, weight_matrix
 from .pipeline.residency import compute_device, decide_for_inputs, plan_residency, store
 from .schedule.allocate import Allocation, allocate_sparsities, measures_damage, needs_statistics
+from .schedule.search import search_allocation
 from .schedule.statistics import measure_layer_statistics
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
             set_weight_matrix(m, result.weight)
             set_module_grid(m, result.grid)
             losses[name] = result.loss
+            if result.sparsegpt_loss is not None:
+                logger.debug("%s: layer loss %.6g with solver %s, SparseGPT scan %.6g", name, result.loss,
+                             result.solver, result.sparsegpt_loss)
     del inverses
     for k, (name, m) in enumerate(modules.items()):
         rows, cols = weight_matrix(m).shape
@@ -82,8 +86,12 @@ def measure_schedule(model: nn.Module, plan: CompressionPlan, inputs: BlockInput
             probe = windows[: config.probe_samples]
             probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(model, probe, device, storage)
             stats = measure_layer_statistics(model, plan, probe_inputs, probe, config, device,
-                                             measures_damage(config))
+                                             measures_damage(config), keep_dense=config.search_steps > 0)
         allocation = allocate_sparsities(plan, config, stats)
+        if config.search_steps > 0:
+            allocation = search_allocation(model, plan, probe_inputs, probe, stats, allocation, config, device)
+            logger.info("allocation search: KL %.5g -> %.5g in %d steps", allocation.search["kl_before"],
+                        allocation.search["kl_after"], allocation.search["steps"])
     return ctx.broadcast_object(allocation)
 
 
@@ -178,6 +186,7 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
     results.layer_sparsities = achieved
     results.layer_errors = allocation.estimates or losses
     results.resolved_range = allocation.resolved_range
+    results.search = allocation.search
     model.config.quantization_config = config
     ctx.barrier()
     if was_training:

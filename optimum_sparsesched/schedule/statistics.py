@@ -91,6 +91,8 @@ class LayerStatistics:
     curves: dict[str, torch.Tensor] = field(default_factory=dict)
     owl_ratio_block: list[float] = field(default_factory=list)
     block_damage: list[float] | None = None
+    #: when kept: the probe windows' dense inputs of every block, and the last block's outputs (``[L + 1][p]``)
+    dense_inputs: list[list[torch.Tensor]] | None = None
 
 
 @torch.no_grad()
@@ -113,13 +115,16 @@ def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
 @torch.no_grad()
 def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs,
                              probe_windows: torch.Tensor, config: Any, device: torch.device,
-                             measure_damage: bool) -> LayerStatistics:
+                             measure_damage: bool, keep_dense: bool = False) -> LayerStatistics:
     """Dense pass over the blocks on the probe windows ``[p, seq_len]`` (``inputs.hidden[:p]`` are their block-0
     inputs): local loss curves, OWL ratios and, with ``measure_damage``, the end-to-end damage ``D_b`` of pruning
-    block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``."""
+    block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``. With ``keep_dense`` the dense
+    inputs of every block are kept (for :mod:`.search`)."""
     grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
     stats = LayerStatistics(grid=grid)
     dense = [h.clone() for h in inputs.hidden[: len(probe_windows)]]
+    if keep_dense:
+        stats.dense_inputs = [dense]
     streams: list[list[torch.Tensor]] = []  # streams[b]: the probe windows with block b pruned, at the current depth
     alone = PruneSpec(config.sparsity, block_size=config.block_size, damp=config.damp)  # unstructured, unquantized
     for index, block in enumerate(tqdm(plan.blocks, desc="schedule: measure", unit="block")):
@@ -149,6 +154,8 @@ def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: Bl
                                 for h in dense])
                 del pruned
             dense = dense_out
+            if keep_dense:
+                stats.dense_inputs.append(dense)
     if measure_damage:
         stats.block_damage = _stream_damage(model, probe_windows, dense, streams, inputs.returns_tuple, device)
     return stats
