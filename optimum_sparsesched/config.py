@@ -467,6 +467,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             config_dict.pop(key, None)
         if config_dict.get("error_metric") == "kl":  # retired: its checkpoints keep a valid record
             config_dict["error_metric"] = "kl-alone"
+        if "preset" not in config_dict:  # saved before presets existed: those runs used the SparseGPT scan
+            config_dict["preset"] = "sparsegpt"
         dataset = config_dict.get("dataset")
         if isinstance(dataset, str) and dataset not in HUB_DATASETS and not os.path.exists(dataset):
             config_dict["dataset"] = "wikitext2"  # a description ("<list of N texts>") or a path gone since

@@ -24,6 +24,10 @@ from optimum_sparsesched import SparseScheduleConfig, compress
     (dict(seed=2**64), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(seed=1.5), "seed"),
     (dict(tokenizer=123), "tokenizer"), (dict(tokenizer=" "), "tokenizer"), (dict(damp=1e300), "damp"),
     (dict(damp=1.5), "damp"), (dict(num_samples=10**9), "num_samples"), (dict(num_samples=65537), "num_samples"),
+    (dict(preset="fast"), "preset"), (dict(preset=None), "preset"), (dict(solver="alps"), "solver"),
+    (dict(search_steps=-1), "search_steps"), (dict(search_steps=1.5), "search_steps"),
+    (dict(search_steps=True), "search_steps"), (dict(search_steps=10**6), "search_steps"),
+    (dict(schedule="uniform", search_steps=4), "search_steps"),
 ])
 def test_bad_options_name_the_parameter(kwargs, option):
     with pytest.raises(ValueError, match=f"`{option}`"):
@@ -71,6 +75,19 @@ def test_the_saved_dict_holds_no_local_path(tmp_path):
     assert back.dataset.startswith("<file calibration.txt sha256:")
 
 
+def test_presets_fill_what_is_not_given():
+    assert (SparseScheduleConfig().solver, SparseScheduleConfig().search_steps) == ("refit", 0)
+    quality = SparseScheduleConfig(preset="quality")
+    assert (quality.solver, quality.search_steps) == ("admm", 8)
+    assert SparseScheduleConfig(preset="quality", schedule="uniform").search_steps == 0  # search needs hessian
+    assert SparseScheduleConfig(preset="quality", pattern="2:4").search_steps == 0
+    assert SparseScheduleConfig(preset="sparsegpt").solver == "sparsegpt"
+    explicit = SparseScheduleConfig(preset="quality", solver="sparsegpt", search_steps=2)
+    assert (explicit.solver, explicit.search_steps) == ("sparsegpt", 2)
+    again = SparseScheduleConfig.from_dict(quality.to_dict())
+    assert (again.preset, again.solver, again.search_steps) == ("quality", "admm", 8)
+
+
 def test_unknown_option_is_rejected():
     with pytest.raises(TypeError, match="sparsityy"):
         SparseScheduleConfig(sparsityy=0.5)
@@ -95,6 +112,7 @@ def test_configs_saved_by_0_1_0_still_load():
     assert back.results.layer_sparsities == {"a": 0.7} and back.results.resolved_range == [0.6, 0.8]
     assert back.results.eval_results[0]["value"] == 9.0 and back.error_metric == "kl-alone"
     assert not hasattr(back, "granularity")
+    assert (back.preset, back.solver, back.search_steps) == ("sparsegpt", "sparsegpt", 0)  # what ran before presets
 
 
 def test_fingerprint_options_leave_out_results_and_output_options():

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Presets and layer solvers against uniform SparseGPT, on two texts: WikiText-2 test (the calibration's domain)
+and Shakespeare (benchmarks/data/shakespeare.txt, never used for calibration or to choose a default).
+
+Each row compresses the model on load (fp32, calibration = random windows of wikitext2-valid), times it, then
+measures perplexity on the first ``--eval-windows`` windows of both texts. One JSON per row goes to --out; a
+Markdown table (with the wall time as a ratio to the ``uniform-sparsegpt`` row of the same run) is printed.
+
+    python benchmarks/presets.py MODEL_DIR --target 0.7 [--pattern 2:4] [--bits 4 --group-size 128]
+        [--rows uniform-sparsegpt hessian-sparsegpt default quality ...]
+        [--num-samples 16 --seq-len 512 --eval-seq-len 512 --eval-windows 16] [--out benchmarks/results/presets-0.7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import EVAL_FILE, wikitext_calibration_text, write_result  # noqa: E402
+
+SHAKESPEARE = Path(__file__).parent / "data" / "shakespeare.txt"
+
+#: row name -> options on top of the target; "preset" rows use the preset's solver and search
+ROWS = {
+    "uniform-sparsegpt": dict(schedule="uniform", preset="sparsegpt"),
+    "uniform-refit": dict(schedule="uniform", solver="refit"),
+    "uniform-admm": dict(schedule="uniform", solver="admm"),
+    "hessian-sparsegpt": dict(schedule="hessian", preset="sparsegpt"),
+    "default": dict(preset="default"),
+    "hessian-admm": dict(schedule="hessian", solver="admm", search_steps=0),
+    "quality": dict(preset="quality"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--target", type=float, default=0.7)
+    ap.add_argument("--pattern", default=None, help="N:M pattern (then every row is uniform in that pattern)")
+    ap.add_argument("--bits", type=int, default=None)
+    ap.add_argument("--group-size", type=int, default=None)
+    ap.add_argument("--rows", nargs="+", default=["uniform-sparsegpt", "hessian-sparsegpt", "default", "quality"],
+                    choices=list(ROWS))
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import optimum_sparsesched as osp
+
+    torch.set_grad_enabled(False)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    texts = {"wikitext2": EVAL_FILE, "shakespeare": [SHAKESPEARE.read_text(encoding="utf-8")]}
+    out = Path(args.out or f"benchmarks/results/presets-{args.pattern or args.target}{'-int' + str(args.bits) if args.bits else ''}")
+    rows = []
+    for name in args.rows:
+        given = dict(sparsity=args.target, pattern=args.pattern, bits=args.bits, group_size=args.group_size)
+        options = dict(ROWS[name], **{k: v for k, v in given.items() if v is not None})
+        config = osp.SparseScheduleConfig(dataset=wikitext_calibration_text(), num_samples=args.num_samples,
+                                          seq_len=args.seq_len, tokenizer=tokenizer, **options)
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=config)
+        seconds = time.perf_counter() - t0
+        ppl = {key: osp.perplexity(model, tokenizer, text, args.eval_seq_len, args.eval_windows)
+               for key, text in texts.items()}
+        results = model.config.quantization_config.results
+        row = {"name": name, "options": options, "ppl": ppl,
+               "compress_s": seconds, "resolved_range": results.resolved_range, "search": results.search}
+        write_result(out / f"{name}.json", dict(row))
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("name", "ppl", "compress_s")}), flush=True)
+        del model
+    base = next((r["compress_s"] for r in rows if r["name"] == "uniform-sparsegpt"), None)
+    print("| row | WikiText-2 | Shakespeare | compress s | × uniform SparseGPT |\n|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['compress_s'] / base:.2f}" if base else "–"
+        print(f"| {r['name']} | {r['ppl']['wikitext2']:.2f} | {r['ppl']['shakespeare']:.2f} | "
+              f"{r['compress_s']:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
