@@ -148,7 +148,10 @@ def _compress(a: argparse.Namespace) -> int:
     achieved = cfg.results.layer_sparsities
     report: dict[str, Any] = {"model": a.model or "SmolLM2-135M (embedded)", "weights": loaded.source,
                               "sparsity": round(weighted_mean(achieved, module_sizes(loaded.model, achieved)), 4),
-                              "pattern": cfg.pattern, "bits": cfg.bits, "schedule": cfg.schedule}
+                              "pattern": cfg.pattern, "bits": cfg.bits, "schedule": cfg.schedule,
+                              "preset": cfg.preset, "solver": cfg.solver}
+    if cfg.search_steps:
+        report["search_steps"] = cfg.search_steps
     if cfg.results.resolved_range:
         report["sparsity_range"] = [round(x, 3) for x in cfg.results.resolved_range]
     report["compress_seconds"] = round(loaded.seconds, 1)

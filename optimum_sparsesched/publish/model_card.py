@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 PLOT_FILE = "sparsity_schedule.png"
+#: how the card names each layer solver (``solver`` option)
+SOLVER_NAMES = {"sparsegpt": "SparseGPT",
+                "refit": "SparseGPT with the kept weights re-solved exactly (`solver=\"refit\"`)",
+                "admm": "an ADMM support search seeded by SparseGPT (`solver=\"admm\"`)"}
 CARD_TAG = "optimum-sparsesched"
 BASE_TAGS = ("pruned", "sparse", "sparsegpt", CARD_TAG)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -129,8 +133,12 @@ def _title(label: str | None, qc: Mapping[str, Any], achieved: float) -> str:
 
 def _summary(qc: Mapping[str, Any], achieved: float, base_model: str | None, weights_source: str | None) -> str:
     pattern = f"the {qc['pattern']} pattern" if qc.get("pattern") else "unstructured"
-    text = (f"Pruned with SparseGPT to **{achieved:.1%}** sparsity ({pattern}, target {qc.get('sparsity')}) with the "
+    solver = SOLVER_NAMES.get(qc.get("solver") or "sparsegpt", str(qc.get("solver")))
+    text = (f"Pruned with {solver} to **{achieved:.1%}** sparsity ({pattern}, target {qc.get('sparsity')}) with the "
             f"`{qc.get('schedule')}` layer-wise sparsity schedule")
+    if qc.get("search_steps"):
+        text += f", refined by {qc['search_steps']} steps of allocation search"
+
     if qc.get("bits"):
         grid = "per output channel" if qc.get("group_size") == -1 else f"group size {qc.get('group_size')}"
         text += (f", its kept weights GPTQ-quantized to INT{qc['bits']} ({grid}, "

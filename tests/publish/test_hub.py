@@ -109,7 +109,11 @@ def check_our_card(path: Path, model) -> ModelCard:
     assert "import optimum_sparsesched" in card.text and "AutoModelForCausalLM.from_pretrained(" in card.text
     assert json.loads(card_json(card)) == expected_options(cfg.to_dict())
     visible = card.text.split("## Details")[0]
-    assert visible.lstrip().startswith("# tiny-llama, 60% sparse + INT4\n")  # a title from the model
+    sizes = {n: m.weight.numel() for n, m in modules.items() if n in cfg.results.layer_sparsities}
+    achieved = sum(sizes[n] * s for n, s in cfg.results.layer_sparsities.items()) / sum(sizes.values())
+    assert abs(achieved - 0.6) < 0.01  # zeros counted after INT4 (a kept weight can round to 0)
+    assert visible.lstrip().startswith(f"# tiny-llama, {achieved:.0%} sparse + INT4\n")  # a title from the model
+    assert f"to **{achieved:.1%}** sparsity" in visible
     assert "**Weights:** [org/tiny-llama](https://huggingface.co/org/tiny-llama)" in visible
     assert "| perplexity | 42.50 | `calibration.txt` | test | 2 windows × 64 tokens |" in visible
     assert len(visible.splitlines()) < 50 and "layer_errors" not in card.text  # short; details collapsed
