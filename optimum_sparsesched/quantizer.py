@@ -3,7 +3,10 @@
 
 Load phases (transformers ``HfQuantizer``; what the base class does is not repeated here):
 - ``update_device_map``: with no ``device_map`` the model loads on the CPU; compression moves one decoder block
-  at a time to the GPU (when there is one), so models larger than the GPU can be compressed.
+  at a time to the GPU (when there is one), so models larger than the GPU can be compressed. A user's
+  ``device_map`` is kept: blocks it offloads to ``"cpu"``/``"disk"`` (with ``offload_folder``) are onloaded one at
+  a time and their compressed weights written back to the offload store (:mod:`.pipeline.sources`), so models
+  larger than the host memory can be compressed too.
 - load operations (``get_load_operations``): a compact checkpoint (:mod:`.formats.compact`) stores each compressed
   weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact.CompactDeserialize` rebuilds
   the dense weight bit for bit while the checkpoint loads.
@@ -24,6 +27,7 @@ from transformers.quantizers import HfQuantizer
 from .sequential import compress_blocks
 from .config import SparseScheduleConfig
 from .formats.compact import SUFFIXES, CompactDeserialize, compact_state_dict
+from .pipeline.offload import has_offloaded_weights
 from .publish.save import install_save
 
 
@@ -54,6 +58,10 @@ class SparseScheduleQuantizer(HfQuantizer):
         config = self.quantization_config
         if not config.results.compressed or config.export_format == "dense":
             return None, {}
+        if has_offloaded_weights(model):
+            raise ValueError("save_pretrained: the weights of this compressed model are offloaded by accelerate; save "
+                             "it with model.save_pretrained(folder), this package's save, which writes it block by "
+                             "block (type(model).save_pretrained cannot encode weights that are not loaded)")
         if config.export_format == "compressed-tensors":
             from .formats.compressed_tensors import compressed_tensors_state_dict
 

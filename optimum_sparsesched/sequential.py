@@ -5,12 +5,14 @@ block-0 inputs and every block's own arguments (:mod:`.pipeline.blocks`) -> the 
 per-module sparsities, measured on the dense model) -> for each block: Hessians ``H = 2XXᵀ/n`` of its modules from
 its current inputs (:mod:`.pipeline.hessians`), the OBS solve of every module (:func:`.obs.prune.prune`), and the
 compressed block produces the next block's inputs. Only the current block is on the compute device
-(:mod:`.pipeline.residency`); finished blocks are checkpointed (:mod:`.pipeline.checkpoint`); under
-torch.distributed the work is shared (:mod:`.pipeline.distributed`).
+(:mod:`.pipeline.residency`), and only the current block is materialised when the weights are offloaded or streamed
+(every pass visits blocks through a :class:`.pipeline.sources.BlockSource`); finished blocks are checkpointed
+(:mod:`.pipeline.checkpoint`); under torch.distributed the work is shared (:mod:`.pipeline.distributed`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -24,13 +26,14 @@ from .obs.grid import set_module_grid
 from .obs.inverse import InverseHessian
 from .obs.prune import KERNEL_ENV, check_kernel, prune
 from .obs.spec import PruneSpec
-from .pipeline.blocks import BlockInputs, block_on_device, capture_block_inputs, run_block
+from .pipeline.blocks import BlockInputs, capture_block_inputs, run_block
 from .pipeline.calibration import calibration_windows, resolve_tokenizer
 from .pipeline.checkpoint import BlockCheckpoint, block_state, fingerprint, restore_block
 from .pipeline.distributed import DistributedContext, init_distributed
 from .pipeline.hessians import collect_block_hessians
 from .pipeline.plan import CompressionPlan, plan_compression, set_weight_matrix, weight_matrix
 from .pipeline.residency import compute_device, decide_for_inputs, plan_residency, store
+from .pipeline.sources import BlockSink, BlockSource
 from .schedule.allocate import Allocation, allocate_sparsities, measures_damage, needs_statistics
 from .schedule.statistics import measure_layer_statistics
 
@@ -72,25 +75,29 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
 
 def measure_schedule(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, windows: torch.Tensor,
                      config: SparseScheduleConfig, device: torch.device, storage: torch.device,
-                     ctx: DistributedContext) -> Allocation:
+                     ctx: DistributedContext, source: BlockSource) -> Allocation:
     """The schedule's per-module sparsities, measured by rank 0 on the dense model and sent to every rank."""
     allocation = None
     if ctx.is_main:
         stats = None
         if needs_statistics(config):
             probe = windows[: config.probe_samples]
-            probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(model, probe, device, storage)
+            probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(
+                model, probe, device, storage, visit=functools.partial(source.visit, 0))
             stats = measure_layer_statistics(model, plan, probe_inputs, probe, config, device,
-                                             measures_damage(config))
+                                             measures_damage(config), source)
         allocation = allocate_sparsities(plan, config, stats)
     return ctx.broadcast_object(allocation)
 
 
 @torch.no_grad()
-def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: Any = None) -> nn.Module:
+def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: Any = None,
+                    sink: BlockSink | None = None) -> nn.Module:
     """Prune (and optionally quantize) ``model`` in place with SparseGPT under ``config``'s schedule.
 
-    Every check against the model and the options runs before any work. Fills ``config.results``
+    Offloaded blocks are onloaded one at a time and their compressed weights written back to their offload store,
+    or, with ``sink``, handed to ``sink(index, block, modules)`` instead (the streaming path writes them into the
+    output checkpoint). Every check against the model and the options runs before any work. Fills ``config.results``
     (``layer_sparsities``: achieved zero fraction per module; ``layer_errors``: the schedule's estimates, else the
     OBS loss of every module; ``resolved_range``) and sets ``model.config.quantization_config = config``.
     """
@@ -98,7 +105,7 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     plan = plan_compression(model, config)
     check_export_format(plan, config)
     damage = int(measures_damage(config))
-    working = plan_residency(model, plan, config, damage)  # refuses a budget too small for one block
+    working = plan_residency(model, plan, config, damage, write_back=sink is None)  # refuses a too small budget
     tok = resolve_tokenizer(config, tokenizer, model)
     windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
 
@@ -110,14 +117,16 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
         manifest = checkpoint.load()
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device)
+    source = BlockSource(sink)
+    inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device,
+                                  visit=functools.partial(source.visit, 0))
     probe_count = min(config.probe_samples, len(windows)) if needs_statistics(config) and ctx.is_main else 0
     residency = decide_for_inputs(inputs, working, config, device, probe_count, damage)
     if manifest is not None:  # resume: the schedule was measured by the interrupted run
         allocation = Allocation(manifest["targets"], manifest["estimates"], manifest["resolved_range"])
         logger.info("resuming from %s after block %d", config.checkpoint_dir, manifest["finished_blocks"] - 1)
     else:
-        allocation = measure_schedule(model, plan, inputs, windows, config, device, residency.storage, ctx)
+        allocation = measure_schedule(model, plan, inputs, windows, config, device, residency.storage, ctx, source)
         if checkpoint is not None and ctx.is_main:
             manifest = checkpoint.start(allocation.targets, allocation.estimates, allocation.resolved_range)
     finished = manifest["finished_blocks"] if manifest is not None else 0
@@ -128,7 +137,7 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     progress = tqdm(total=len(plan.blocks), desc="sparsegpt", unit="block", mininterval=0)
     for index, block in enumerate(plan.blocks):
         modules = plan.modules[index]
-        with block_on_device(block, device) as on:
+        with source.visit(index, block, device, updated=modules) as on:
             if index < finished:
                 restore_block(modules, checkpoint.load_block(index))
             else:
@@ -140,12 +149,14 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
             for j, h in enumerate(inputs.hidden):
                 out = run_block(block, h, inputs.args[index], inputs.kwargs[index], on, inputs.returns_tuple)
                 inputs.hidden[j] = store(out, h)
-        if checkpoint is not None and index >= finished and ctx.is_main:
-            checkpoint.save_block(manifest, index, block_state(modules),
-                                  {n: achieved[n] for n in modules}, {n: losses[n] for n in modules})
+            if checkpoint is not None and index >= finished and ctx.is_main:  # while the weights are materialised
+                checkpoint.save_block(manifest, index, block_state(modules),
+                                      {n: achieved[n] for n in modules}, {n: losses[n] for n in modules})
         progress.set_postfix(err=f"{sum(losses.values()):.4g}", refresh=False)
         progress.update()
     progress.close()
+    if source.loads:
+        logger.info("streaming: %s", source.describe())
 
     results = config.results
     results.layer_sparsities = achieved

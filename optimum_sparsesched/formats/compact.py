@@ -149,25 +149,33 @@ def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtyp
     return weight, (scale, zero)
 
 
-def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every compressed module's ``weight`` replaced by its compact tensors.
+def compact_module_tensors(module: nn.Module, config: Any) -> dict[str, torch.Tensor] | None:
+    """The compact tensors (``{suffix: tensor}``, on the CPU) that replace a compressed module's ``weight``, or
+    ``None`` when it stays dense: a module is stored compactly when its weight is quantized (it carries a grid) or
+    when the mask and values are smaller than the dense weight."""
+    grid = module_grid(module) if config.bits is not None else None
+    w = weight_matrix(module)
+    if grid is None:
+        nnz = int((w != 0).sum())
+        if nnz * w.element_size() + w.shape[0] * -(-w.shape[1] // 8) >= w.numel() * w.element_size():
+            return None
+    encoded = encode_weight(w, grid, config.bits, config.group_size, config.sym)
+    return {suffix: t.cpu().contiguous() for suffix, t in encoded.items()}
 
-    A module is stored compactly when its weight is quantized (it carries a grid) or when the mask and values are
-    smaller than the dense weight; other weights stay as they are."""
+
+def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every compressed module's ``weight`` replaced by its compact tensors
+    (:func:`compact_module_tensors`); other weights stay as they are."""
     state = model.state_dict()
     compressed = set(config.results.layer_sparsities)
     for name, module in model.named_modules():
         if name not in compressed or f"{name}.weight" not in state:
             continue
-        grid = module_grid(module) if config.bits is not None else None
-        w = weight_matrix(module)
-        if grid is None:
-            nnz = int((w != 0).sum())
-            if nnz * w.element_size() + w.shape[0] * -(-w.shape[1] // 8) >= w.numel() * w.element_size():
-                continue
-        encoded = encode_weight(w, grid, config.bits, config.group_size, config.sym)
+        encoded = compact_module_tensors(module, config)
+        if encoded is None:
+            continue
         del state[f"{name}.weight"]
-        state.update({f"{name}.{suffix}": t.cpu().contiguous() for suffix, t in encoded.items()})
+        state.update({f"{name}.{suffix}": t for suffix, t in encoded.items()})
     return state
 
 

@@ -6,7 +6,8 @@ the new one renamed into place, the old one deleted. If anything fails before th
 removed and the old folder is exactly as it was. The model card (``README.md`` and ``sparsity_schedule.png``, see
 :mod:`.model_card`) is written into the temporary folder too. Files of the old folder that the new checkpoint does
 not write (a license, notes, a README that this package did not write, ...) are carried over, except stale weight
-files. Under torch.distributed only rank 0 writes.
+files. Under torch.distributed only rank 0 writes. A model whose weights accelerate offloaded is written block by
+block (:func:`.export.save_offloaded`) instead of by transformers, which would gather whole shards in memory.
 
 ``save_pretrained(..., push_to_hub=True)`` saves the same way, then uploads the folder with
 :func:`optimum_sparsesched.push_to_hub` (repo named after the folder unless ``repo_id`` is given), and
@@ -26,6 +27,8 @@ from typing import Any, Iterable
 
 from ..formats.compressed_tensors import rewrite_config_json
 from ..pipeline.distributed import is_main_process
+from ..pipeline.offload import has_offloaded_weights
+from .export import save_offloaded
 from .hub import check_repo_id, push_to_hub
 from .model_card import CARD_FILE, card_for_model, is_own_card
 
@@ -56,7 +59,10 @@ def _save(model: Any, target: Path, args: tuple, kwargs: dict, repo_id: str | No
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        result = type(model).save_pretrained(model, tmp, *args, **kwargs)
+        if has_offloaded_weights(model):  # weights offloaded by accelerate: written block by block (.export)
+            result = save_offloaded(model, tmp, *args, **kwargs)
+        else:
+            result = type(model).save_pretrained(model, tmp, *args, **kwargs)
         config = getattr(model.config, "quantization_config", None)
         if getattr(config, "export_format", None) == "compressed-tensors":
             rewrite_config_json(tmp, model, config)
