@@ -9,7 +9,10 @@ written to disk, then each is compressed in a fresh process through both entry p
 
 with the ``uniform`` and the ``hessian`` schedule. The child samples its resident memory (``VmRSS``, split into
 anonymous and file-backed pages, from ``/proc/self/status``) every 20 ms in a thread, reads ``ru_maxrss`` at the end,
-and reports the wall time and the block loads the run needed (from the block loop's log line).
+and reports the wall time and the block loads the run needed (from the block loop's log line). The peak is the
+kernel's ``VmHWM`` (the process's own peak since it started); ``ru_maxrss`` is reported too, but on Linux it
+also counts the parent's resident set at the fork, so the driver keeps itself small (checkpoints are written by a
+child as well).
 
     python benchmarks/memory_scale.py --out benchmarks/results/memory_scale.json
     python benchmarks/memory_scale.py --sizes 0.5 4 --entries stream --schedules uniform    # a subset
@@ -34,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 1024, 2816, 16, 4
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 1024, 2048, 16, 4
 DEFAULT_TOKENIZER = "/work/models/smollm2-135m"
 CALIBRATION = dict(num_samples=4, seq_len=128, probe_samples=1)
 
@@ -95,11 +98,11 @@ def write_checkpoint(path: Path, layers: int, tokenizer_path: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- the child
 class Sampler(threading.Thread):
-    """Peak ``VmRSS``/``RssAnon``/``RssFile`` of this process (MiB), sampled every 20 ms."""
+    """Peak ``VmRSS``/``RssAnon``/``RssFile`` of this process (MiB), sampled every 20 ms, and ``VmHWM``."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+        self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0}
         self.stop = threading.Event()
 
     def sample(self) -> None:
@@ -157,7 +160,8 @@ def child(args: argparse.Namespace) -> None:
     sampler.sample()
     found = re.search(r"(\d+) block loads .*\(([\d.]+) s reading, ([\d.]+) s", loads[-1]) if loads else None
     print("RESULT " + json.dumps({
-        "base_rss_mib": base["VmRSS"], "peak_rss_mib": sampler.peak["VmRSS"],
+        "base_rss_mib": base["VmRSS"], "peak_rss_mib": sampler.peak["VmHWM"],
+        "peak_sampled_mib": sampler.peak["VmRSS"],
         "peak_anon_mib": sampler.peak["RssAnon"], "peak_file_mib": sampler.peak["RssFile"],
         "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "seconds": round(seconds, 1), "save_seconds": round(save_s, 1),
@@ -177,20 +181,27 @@ def main() -> int:
                     help="where the synthetic checkpoints and outputs go (kept between runs)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
     ap.add_argument("--child", nargs=4, metavar=("ENTRY", "SCHEDULE", "CHECKPOINT", "OUTPUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--write", nargs=2, metavar=("GIGABYTES", "WORK"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         a.entry, a.schedule, a.checkpoint, a.output = a.child
         child(a)
         return 0
+    if a.write:
+        from transformers import AutoTokenizer
 
-    from transformers import AutoTokenizer
+        layers = layers_for(float(a.write[0]), len(AutoTokenizer.from_pretrained(a.tokenizer)))
+        checkpoint = Path(a.write[1]) / f"llama-{HIDDEN}x{INTERMEDIATE}x{layers}"
+        print("WROTE " + json.dumps({"layers": layers, "path": str(checkpoint),
+                                     "size": write_checkpoint(checkpoint, layers, a.tokenizer)}))
+        return 0
 
-    vocab = len(AutoTokenizer.from_pretrained(a.tokenizer))
     rows = []
-    for gigabytes in a.sizes:
-        layers = layers_for(gigabytes, vocab)
-        checkpoint = a.work / f"llama-{HIDDEN}x{layers}"
-        size = write_checkpoint(checkpoint, layers, a.tokenizer)
+    for gigabytes in a.sizes:  # the driver stays small: children write and compress (see ru_maxrss above)
+        wrote = subprocess.run([sys.executable, __file__, "--write", str(gigabytes), str(a.work), "--tokenizer",
+                                a.tokenizer], capture_output=True, text=True, check=True)
+        written = json.loads(wrote.stdout.split("WROTE ", 1)[1])
+        layers, checkpoint, size = written["layers"], Path(written["path"]), written["size"]
         for entry in a.entries:
             for schedule in a.schedules:
                 output = a.work / f"out-{entry}-{schedule}-{layers}"
@@ -205,15 +216,15 @@ def main() -> int:
                        **json.loads(run.stdout.split("RESULT ", 1)[1])}
                 rows.append(row)
                 print(f"{size / 1e9:5.2f} GB  L={layers:3d}  {entry:7s} {schedule:7s}  peak RSS "
-                      f"{row['peak_rss_mib']:5d} MiB (ru_maxrss {row['ru_maxrss_mib']}, anon {row['peak_anon_mib']}, "
-                      f"file {row['peak_file_mib']}, base {row['base_rss_mib']})  {row['seconds']:7.1f} s  "
-                      f"block loads {row['block_loads']}", flush=True)
+                      f"{row['peak_rss_mib']:5d} MiB (sampled {row['peak_sampled_mib']}, ru_maxrss "
+                      f"{row['ru_maxrss_mib']}, anon {row['peak_anon_mib']}, file {row['peak_file_mib']}, base "
+                      f"{row['base_rss_mib']})  {row['seconds']:7.1f} s  block loads {row['block_loads']}", flush=True)
                 for stale in (output, Path(str(output) + "-offload")):
                     shutil.rmtree(stale, ignore_errors=True)
     summary = {}
     for entry in a.entries:
         for schedule in a.schedules:
-            peaks = [r["ru_maxrss_mib"] for r in rows if r["entry"] == entry and r["schedule"] == schedule]
+            peaks = [r["peak_rss_mib"] for r in rows if r["entry"] == entry and r["schedule"] == schedule]
             summary[f"{entry}/{schedule}"] = {"smallest_to_largest": round(peaks[-1] / peaks[0] - 1, 4),
                                               "spread": round(max(peaks) / min(peaks) - 1, 4),
                                               "largest_peak_mib": peaks[-1]}

@@ -57,6 +57,7 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
     for acc in dict.fromkeys(accumulators.values()):  # each shared Hessian once, in module order
         H, _ = ctx.all_reduce_hessian(acc.H, acc.n)
         inverses[id(acc)] = InverseHessian(H, config.damp)
+        acc.H = H = None  # the inverse holds its own copy: free the accumulator's cols² floats now
     losses = {}
     for k, (name, m) in enumerate(modules.items()):
         if ctx.owner(k) == ctx.rank:

@@ -161,6 +161,18 @@ def test_bad_input_is_refused_before_any_work(sharded, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no-weights", "plain-file", "src-opt"]
 
 
+def test_a_device_budget_too_small_for_one_block_is_refused_before_calibration(sharded, tmp_path, monkeypatch):
+    from optimum_sparsesched import sequential
+
+    def no_calibration(*a, **k):
+        raise AssertionError("must fail before calibration")
+
+    monkeypatch.setattr(sequential, "calibration_windows", no_calibration)
+    with pytest.raises(ValueError, match=r"max_device_memory: 1000000 bytes .* needs \d+ bytes"):
+        osp.compress_checkpoint(sharded("llama"), tmp_path / "out", {**UNIFORM, "max_device_memory": "1MB"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src-llama"]
+
+
 def test_cli_compress_model_out_streams(sharded, tmp_path, capsys, monkeypatch):
     src = sharded("llama")
     calls = []
@@ -179,30 +191,39 @@ def test_cli_compress_model_out_streams(sharded, tmp_path, capsys, monkeypatch):
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     sys.path.insert(0, sys.argv[3])
-    import torch
     from conftest import CALIBRATION_TEXT
     import optimum_sparsesched as osp
     from optimum_sparsesched.pipeline.calibration import calibration_windows, resolve_tokenizer
-    cfg = osp.SparseScheduleConfig(sparsity=0.5, schedule=sys.argv[4], dataset=str(CALIBRATION_TEXT), num_samples=2,
-                                   seq_len=64, probe_samples=1)
+
+    def peak():  # VmHWM: this process's peak resident set (ru_maxrss would include the parent's at the fork)
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+
+    cfg = osp.SparseScheduleConfig(sparsity=0.5, schedule="uniform", dataset=str(CALIBRATION_TEXT), num_samples=2,
+                                   seq_len=64)
     # warm up what every run loads whatever the model's depth (datasets, the tokenizer), then measure the rest
     calibration_windows(cfg.dataset, resolve_tokenizer(cfg, sys.argv[1], None), 2, 64, 0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    osp.compress_checkpoint(sys.argv[1], sys.argv[2], cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT", json.dumps({"base": base, "peak": peak}))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from the current resident set
+    base = peak()
+    if sys.argv[4] == "stream":
+        osp.compress_checkpoint(sys.argv[1], sys.argv[2], cfg)
+    else:  # what the streaming path must not do: the whole model in memory
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=cfg).save_pretrained(sys.argv[2])
+    print("RESULT", json.dumps({"base": base, "peak": peak()}))
 """)
 
 
-@pytest.mark.parametrize("schedule", ["uniform", "hessian"])
-def test_streaming_memory_stays_below_the_checkpoint_size(schedule, tmp_path, tokenizer):
-    """A synthetic bf16 Llama of ~250 MB (48 blocks of hidden 512): compressing it must not add half its size to
-    the peak resident memory of the process; a run that loads the whole model adds all of it."""
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak resident set from /proc/self/status")
+def test_streaming_memory_stays_below_the_checkpoint_size(tmp_path, tokenizer):
+    """A synthetic bf16 Llama of ~200 MB (40 blocks of hidden 512): streaming it adds less than 3/4 of its size to
+    the peak resident memory (measured: ~45%, mostly the constant cost of building the model, one block and its
+    Hessians); the same measure of the in-memory path adds more than all of it (~185%), so the bound can fail."""
     from conftest import write_random_checkpoint
 
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=48,
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=40,
                                       num_attention_heads=8, num_key_value_heads=8, vocab_size=512,
                                       max_position_embeddings=256, tie_word_embeddings=False)
     src = tmp_path / "synthetic"
@@ -210,13 +231,15 @@ def test_streaming_memory_stays_below_the_checkpoint_size(schedule, tmp_path, to
     tokenizer.save_pretrained(src)
     script = tmp_path / "measure.py"
     script.write_text(MEMORY_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "out"), str(TESTS), schedule],
-                         capture_output=True, text=True, timeout=900, env={**__import__("os").environ,
-                                                                            "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-4000:]
-    got = json.loads(run.stdout.split("RESULT", 1)[1])
-    growth = got["peak"] - got["base"]
-    assert size > 240 * 2**20
-    assert growth < 0.5 * size, f"peak RSS grew by {growth / 2**20:.0f} MiB on a {size / 2**20:.0f} MiB checkpoint"
-    assert len(saved_tensors(tmp_path / "out")) == len(json.loads((src / "model.safetensors.index.json").read_text())
-                                                         ["weight_map"]) + 7 * 48  # each compressed weight -> 2
+    growth = {}
+    for mode in ("stream", "in-memory"):
+        run = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / mode), str(TESTS), mode],
+                             capture_output=True, text=True, timeout=900,
+                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr[-4000:]
+        got = json.loads(run.stdout.split("RESULT", 1)[1])
+        growth[mode] = got["peak"] - got["base"]
+    assert size > 190 * 2**20
+    assert growth["stream"] < 0.75 * size, f"streaming: +{growth['stream'] / 2**20:.0f} MiB, checkpoint {size / 2**20:.0f}"
+    assert growth["in-memory"] > size  # the measure sees a whole model
+    assert_same_checkpoint(tmp_path / "stream", tmp_path / "in-memory")

@@ -46,7 +46,7 @@ from ..obs.spec import PruneSpec
 from ..pipeline.blocks import BlockInputs, find_decoder_blocks, forwards_replaced, head_and_embeddings_on, run_block
 from ..pipeline.hessians import collect_block_hessians
 from ..pipeline.plan import CompressionPlan, is_transposed, weight_matrix
-from ..pipeline.sources import BlockSource, is_offloaded
+from ..pipeline.sources import BlockSource, is_offloaded, release_free_memory
 from ..pipeline.spill import TensorLists
 
 CURVE_POINTS = 201  # sparsity grid 0, 0.005, ..., 1
@@ -101,9 +101,16 @@ def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, input_ids: 
         return model(input_ids=input_ids, use_cache=False).logits
 
 
+#: positions per chunk of the KL computation: its float32 temporaries are ``[KL_CHUNK, V]``, not ``[seq_len, V]``
+KL_CHUNK = 32
+
+
 def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
-    logq = torch.log_softmax(logits.float(), dim=-1)
-    return float((logp_ref.exp() * (logp_ref - logq)).sum(-1).mean())
+    """Mean over positions of ``KL(p_ref ‖ softmax(logits))`` (``[1, S, V]`` each), position chunk by chunk (each
+    position's sum over the vocabulary, hence the mean, is the same as in one piece)."""
+    per_position = [(ref.exp() * (ref - torch.log_softmax(chunk.float(), dim=-1))).sum(-1)
+                    for ref, chunk in zip(logp_ref.split(KL_CHUNK, dim=1), logits.split(KL_CHUNK, dim=1))]
+    return float(torch.cat(per_position, dim=1).mean())
 
 
 def _in_module_layout(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -120,8 +127,13 @@ def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: Bl
     block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``. Blocks are visited through
     ``source`` (default: a fresh :class:`.BlockSource`), which reads offloaded weights once per block."""
     source = source or BlockSource()
-    with TensorLists(spill=measure_damage and is_offloaded(plan.blocks)) as streams:
-        return _measure(model, plan, inputs, probe_windows, config, device, measure_damage, source, streams)
+    offloaded = is_offloaded(plan.blocks)
+    try:
+        with TensorLists(spill=measure_damage and offloaded) as streams:
+            return _measure(model, plan, inputs, probe_windows, config, device, measure_damage, source, streams)
+    finally:
+        if offloaded:
+            release_free_memory()
 
 
 def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe_windows: torch.Tensor, config: Any,
