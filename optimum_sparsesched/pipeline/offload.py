@@ -29,18 +29,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-try:  # accelerate is a dependency; the guard only keeps the error clear in a broken environment
-    from accelerate.hooks import AlignDevicesHook, SequentialHook
-    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight, set_module_tensor_to_device
-    from accelerate.utils.modeling import named_module_tensors
-except ImportError:  # pragma: no cover
-    AlignDevicesHook = SequentialHook = None  # type: ignore[assignment,misc]
+from accelerate.hooks import AlignDevicesHook, SequentialHook
+from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight, set_module_tensor_to_device
+from accelerate.utils.modeling import named_module_tensors
 
 
 def align_hooks(module: nn.Module) -> list:
     """The accelerate ``AlignDevicesHook``s attached to ``module`` (unwrapping a ``SequentialHook``)."""
     hook = getattr(module, "_hf_hook", None)
-    if hook is None or AlignDevicesHook is None:
+    if hook is None:
         return []
     hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
     return [h for h in hooks if isinstance(h, AlignDevicesHook)]

@@ -78,6 +78,21 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
     return sum(int((s > m * mean).sum()) for s in scores) / count
 
 
+class WandaScores(Sequence):
+    """The Wanda scores ``|W| · sqrt(diag H)`` ``[rows, cols]`` of a block's modules, each computed when it is read
+    (``items``: ``(module, sqrt(diag H)`` ``[1, cols]``) pairs), so a block's scores never all sit in memory."""
+
+    def __init__(self, items: list[tuple[nn.Module, torch.Tensor]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        module, root_diag = self.items[i]
+        return weight_matrix(module).detach().abs().float() * root_diag
+
+
 @dataclass
 class LayerStatistics:
     """Per-module local loss curves ``curves[name]`` on ``grid``, the OWL outlier ratio of every block, and (when
@@ -149,14 +164,15 @@ def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe
             args, kwargs = inputs.args[index], inputs.kwargs[index]
             dense_out: list[torch.Tensor] = []
             accumulators = collect_block_hessians(block, modules, inputs, index, on, dense, dense_out)
-            inverses = {id(a): InverseHessian(a.H, config.damp) for a in accumulators.values()}
+            root_diag = {id(a): torch.sqrt(torch.diag(a.H)).unsqueeze(0) for a in accumulators.values()}
+            inverses = {id(a): InverseHessian(a.H, config.damp) for a in dict.fromkeys(accumulators.values())}
+            for a in accumulators.values():
+                a.H = None  # the inverses hold their own copies
             hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
-            scores = {}
             for name, m in modules.items():
-                W, H = weight_matrix(m), accumulators[name].H
-                stats.curves[name] = local_loss_curve(saliencies(W, hessians[name]), grid)
-                scores[name] = W.detach().abs().float() * torch.sqrt(torch.diag(H)).unsqueeze(0)
-            stats.owl_ratio_block.append(outlier_ratio(list(scores.values()), config.owl_m))
+                stats.curves[name] = local_loss_curve(saliencies(weight_matrix(m), hessians[name]), grid)
+            scores = WandaScores([(m, root_diag[id(accumulators[n])]) for n, m in modules.items()])
+            stats.owl_ratio_block.append(outlier_ratio(scores, config.owl_m))
             if measure_damage:
                 pruned = {name: _in_module_layout(m, prune(weight_matrix(m), hessians[name], alone).weight)
                           for name, m in modules.items()}
