@@ -40,6 +40,7 @@ from pathlib import Path
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 1024, 2048, 16, 4
 DEFAULT_TOKENIZER = "/work/models/smollm2-135m"
 CALIBRATION = dict(num_samples=4, seq_len=128, probe_samples=1)
+PRESET = "sparsegpt"  # the cheapest layer solver (the paper's scan); memory is per block whatever the solver
 
 
 def llama_config(layers: int, vocab: int):
@@ -134,7 +135,8 @@ def child(args: argparse.Namespace) -> None:
     logging.getLogger("optimum_sparsesched.sequential").addHandler(Loads())
     logging.getLogger("optimum_sparsesched.sequential").setLevel(logging.INFO)
     text = Path(osp.__file__).parent / "data" / "calibration.txt"
-    cfg = osp.SparseScheduleConfig(sparsity=0.5, schedule=args.schedule, dataset=str(text), **CALIBRATION)
+    cfg = osp.SparseScheduleConfig(sparsity=0.5, schedule=args.schedule, dataset=str(text), preset=PRESET,
+                                   **CALIBRATION)
     sampler = Sampler()
     sampler.sample()
     base = dict(sampler.peak)
@@ -233,7 +235,7 @@ def main() -> int:
         from common import write_result
 
         write_result(a.out, {"rows": rows, "summary": summary, "hidden": HIDDEN, "intermediate": INTERMEDIATE,
-                             "calibration": CALIBRATION, "threads": os.environ.get("OMP_NUM_THREADS")})
+                             "calibration": CALIBRATION, "preset": PRESET, "threads": os.environ.get("OMP_NUM_THREADS")})
     return 0
 
 

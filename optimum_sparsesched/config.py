@@ -8,9 +8,11 @@ alone, and the part of them that decides the compressed weights is :meth:`Sparse
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -21,6 +23,15 @@ QUANT_METHOD = "sparse_schedule"
 
 SCHEDULES = ("hessian", "uniform", "owl", "ramp")
 ERROR_METRICS = ("kl-alone", "obs")
+SOLVERS = ("sparsegpt", "refit", "admm")
+#: what a preset sets when ``solver`` / ``search_steps`` are not given (the search needs the ``hessian`` schedule;
+#: with another schedule a preset's search is off). Measured trade-offs: README, "Presets".
+PRESETS = {
+    "sparsegpt": {"solver": "sparsegpt", "search_steps": 0},
+    "default": {"solver": "refit", "search_steps": 0},
+    "quality": {"solver": "admm", "search_steps": 8},
+}
+MAX_SEARCH_STEPS = 10_000
 HUB_DATASETS = ("wikitext2", "c4")
 SUPPORTED_BITS = (None, 4, 8)
 MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -33,6 +44,14 @@ EXPORT_FORMATS = ("compact", "dense", "compressed-tensors")
 OUTPUT_NEUTRAL_OPTIONS = ("checkpoint_dir", "max_device_memory", "export_format", "dataset", "tokenizer")
 #: options of optimum-sparsesched 0.1.0 that are gone; a saved config that has them still loads
 RETIRED_OPTIONS = ("granularity",)
+#: options that name a place on this machine: never written into config.json, a model card or an upload
+LOCAL_OPTIONS = ("checkpoint_dir",)
+#: ``seed`` range: what ``torch.Generator.manual_seed`` accepts
+SEED_RANGE = (-(2**63), 2**64 - 1)
+#: upper bound of ``damp`` (a fraction of the mean Hessian diagonal), with the reason given in the error
+MAX_DAMP = 1.0
+#: upper bound of ``num_samples``, with the reason given in the error
+MAX_NUM_SAMPLES = 65536
 
 
 #: key of ``config.json`` that keeps this package's config when ``quantization_config`` holds another format's
@@ -49,6 +68,64 @@ def saved_config_dict(config_json: Any) -> dict[str, Any] | None:
         if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
             return qc
     return None
+
+
+def _name_list(names: Any) -> Any:
+    """``modules_to_not_convert`` as a list: a bare string is one module name (not its letters), None is empty;
+    anything else is kept as given for :meth:`SparseScheduleConfig.post_init` to judge."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, (list, tuple, set, frozenset)):
+        return list(names)
+    return names
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether a model/tokenizer name is a path on this machine rather than a hub id (``name`` or ``owner/name``)."""
+    return (os.path.isabs(name) or os.path.exists(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def describe_tokenizer(tokenizer: Any) -> str:
+    """What config.json records of ``tokenizer``: a hub id as given, a local path by its folder name only
+    (``"<local smollm2-135m>"``), an object by its ``name_or_path`` treated the same way (else its class name)."""
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return type(tokenizer).__name__
+    return f"<local {Path(name.rstrip('/')).name}>" if _is_local_path(name) else name
+
+
+def describe_dataset(dataset: Any) -> str:
+    """What config.json records of ``dataset``, never a local path: a hub name as given; a local ``.txt`` file as
+    ``"<file NAME sha256:HEX>"`` and a folder as ``"<folder NAME: N .txt files sha256:HEX>"`` (HEX: SHA-256 of the
+    files' names and bytes, so the data is identified without saying where it lives); a description saved earlier
+    is kept; a path that no longer exists keeps its file name only; in-memory data is described by its size."""
+    if isinstance(dataset, str):
+        if dataset in HUB_DATASETS or (dataset.startswith("<") and dataset.endswith(">")):
+            return dataset
+        path = Path(dataset)
+        if path.is_file():
+            return f"<file {path.name} sha256:{_sha256_files([path], path.parent)}>"
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            return f"<folder {path.resolve().name}: {len(files)} .txt files sha256:{_sha256_files(files, path)}>"
+        return f"<file {path.name}>"
+    if hasattr(dataset, "__len__"):
+        return f"<{type(dataset).__name__} of {len(dataset)} texts>"
+    return "<in-memory>"
+
+
+def _sha256_files(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        if len(files) > 1 or f.parent != root:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -99,8 +176,18 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             paper's local OBS loss, read literally: a baseline).
         probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
+        preset: ``"default"`` (``solver="refit"``, no search), ``"quality"`` (``solver="admm"`` and an allocation
+            search of 8 steps on the ``hessian`` schedule) or ``"sparsegpt"`` (the paper's solver, no search): the
+            values of ``solver`` and ``search_steps`` not given explicitly.
+        solver: the layer solver (default: the preset's): ``"sparsegpt"`` (the OBS scan of the paper), ``"refit"``
+            (the scan's mask, its kept weights refitted exactly by conjugate gradients) or ``"admm"`` (the mask
+            searched by ADMM with a growing penalty, as ALPS, then refitted). Per layer the refined result is kept
+            only when its loss on the damped Hessian is below the scan's (see :mod:`.obs.admm`).
+        search_steps: steps of the allocation search that refines the ``hessian`` schedule's per-block sparsities
+            by the KL divergence of the pruned model from the dense one on the probe windows (see
+            :mod:`.schedule.search`); 0 = no search; default: the preset's.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
-            resumes from the last finished block.
+            (weights included) resumes from the last finished block. Never written into config.json.
         max_device_memory: byte budget on the compute device (GPU) during compression: ``None`` (no cap), an int
             number of bytes or a string like ``"2GiB"``, ``"512MB"``, ``"1.5GB"``. Only the current decoder block and
             its OBS working set live on the device; the calibration activations join them if they fit in what
@@ -111,13 +198,18 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         bits: ``None`` (no quantization), 4 or 8: GPTQ quantization of the kept weights inside the same OBS pass.
         group_size: quantization group length along the input dimension, ``-1`` = one grid per output row.
         sym: symmetric grid (zero point in the middle) instead of an asymmetric min/max grid.
-        dataset: calibration text: a path to a ``.txt`` file or a folder of them, a list of strings, a
-            ``datasets.Dataset`` with a ``"text"`` column, or a hub name (``"wikitext2"``, ``"c4"``, needs network).
-        tokenizer: tokenizer object or name/path; ``None`` uses the model's own path.
-        num_samples, seq_len, seed: ``num_samples`` random windows of ``seq_len`` tokens, drawn with ``seed``.
-        damp: Hessian damping, ``damp * mean(diag H)`` added to the diagonal (escalated on a failed Cholesky).
+        dataset: calibration text: a path (``str`` or ``pathlib.Path``) to a UTF-8 ``.txt`` file or a folder of
+            them, a list of strings, a ``datasets.Dataset`` with a ``"text"`` column, or a hub name
+            (``"wikitext2"``, ``"c4"``, needs network). config.json records a local file by its name and SHA-256.
+        tokenizer: tokenizer object or name/path; ``None`` uses the model's own path. Its token ids must fit the
+            model's input embeddings.
+        num_samples, seq_len, seed: ``num_samples`` (at most 65536) random windows of ``seq_len`` tokens, drawn with
+            ``seed`` (-2**63 <= seed < 2**64, torch.Generator's range).
+        damp: Hessian damping, ``damp * mean(diag H)`` added to the diagonal (escalated on a failed Cholesky);
+            ``0 < damp <= 1``.
         block_size: OBS column block width (lazy batch updates, adaptive mask selection per block).
-        modules_to_not_convert: module names (or name suffixes) left untouched; ``lm_head`` by default.
+        modules_to_not_convert: module names (or name suffixes) left untouched, a list or one name; ``lm_head`` by
+            default.
         export_format: how ``save_pretrained`` stores the compressed weights: ``"compact"`` (default; bitmask of
             the nonzeros plus their values, or their packed ``bits``-bit codes and grid, decompressed on load —
             needs ``import optimum_sparsesched``), ``"dense"`` (plain weights with zeros) or
@@ -151,6 +243,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         export_format: str = "compact",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
+        preset: str = "default",
+        solver: str | None = None,
+        search_steps: int | None = None,
         results: CompressionResults | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -161,14 +256,14 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.bits = bits
         self.group_size = group_size
         self.sym = sym
-        self.dataset = dataset
-        self.tokenizer = tokenizer
+        self.dataset = os.fspath(dataset) if isinstance(dataset, os.PathLike) else dataset
+        self.tokenizer = os.fspath(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer
         self.num_samples = num_samples
         self.seq_len = seq_len
         self.seed = seed
         self.damp = damp
         self.block_size = block_size
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else []
+        self.modules_to_not_convert = _name_list(modules_to_not_convert)
         self.sparsity_range = list(sparsity_range) if isinstance(sparsity_range, (list, tuple)) else sparsity_range
         self.num_levels = num_levels
         self.error_metric = error_metric
@@ -178,6 +273,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.export_format = export_format
         self.owl_m = owl_m
         self.owl_lambda = owl_lambda
+        self.preset = preset
+        self.solver = solver
+        self.search_steps = search_steps
         self.results = results if isinstance(results, CompressionResults) else CompressionResults.from_dict(results)
         kwargs.pop("quant_method", None)
         if kwargs:
@@ -197,6 +295,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             raise _bad("schedule", self.schedule, " | ".join(repr(x) for x in SCHEDULES))
         if self.error_metric not in ERROR_METRICS:
             raise _bad("error_metric", self.error_metric, " | ".join(repr(x) for x in ERROR_METRICS))
+        self._check_preset()
         self._check_range()
         for name in ("num_levels", "probe_samples"):
             v = getattr(self, name)
@@ -231,22 +330,52 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise _bad(name, v, "a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise _bad("seed", self.seed, "an integer")
+        if self.num_samples > MAX_NUM_SAMPLES:
+            raise _bad("num_samples", self.num_samples, f"at most {MAX_NUM_SAMPLES}: every calibration window's "
+                       "activations are kept in memory while the blocks are compressed (num_samples x seq_len x "
+                       "hidden_size values; 65536 windows of 2048 tokens at hidden size 4096 are 1 TiB in bf16), and "
+                       "SparseGPT's 128 windows already give its published results")
+        lo, hi = SEED_RANGE
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not lo <= self.seed <= hi:
+            raise _bad("seed", self.seed, "an integer from -2**63 to 2**64 - 1 (what torch.Generator.manual_seed "
+                       "accepts)")
         d = self.damp
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
-            raise _bad("damp", d, "a finite number > 0 (fraction of the mean Hessian diagonal)")
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or not 0 < d <= MAX_DAMP:
+            raise _bad("damp", d, f"a number with 0 < damp <= {MAX_DAMP:g}: the fraction of the mean Hessian diagonal "
+                       "added to the diagonal (SparseGPT and GPTQ use 0.01); above 1 the damping outweighs the "
+                       "measured curvature, so OBS turns into magnitude pruning, and its x10 escalations on a failed "
+                       "Cholesky overflow float32")
         self.damp = float(d)
-        if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
-            raise _bad("modules_to_not_convert", self.modules_to_not_convert, "a list of non-empty module names")
+        names = self.modules_to_not_convert
+        if not isinstance(names, list) or not all(isinstance(m, str) and m for m in names):
+            raise _bad("modules_to_not_convert", names, "None, a module name, or a list of non-empty module names")
         self._check_dataset()
         cd = self.checkpoint_dir
         if cd is not None and (not isinstance(cd, str) or not cd or os.path.isfile(cd)):
             raise _bad("checkpoint_dir", cd, "None or a folder path (created if missing; an existing run there is "
                        "resumed)")
         parse_memory_size(self.max_device_memory)
-        if self.tokenizer is not None and isinstance(self.tokenizer, str) and not self.tokenizer.strip():
-            raise _bad("tokenizer", self.tokenizer, "None, a tokenizer object, or a model name/path")
+        tok = self.tokenizer
+        if not (tok is None or (bool(tok.strip()) if isinstance(tok, str) else callable(tok))):
+            raise _bad("tokenizer", tok if isinstance(tok, (str, int, float)) else type(tok).__name__,
+                       "None (the model's own), a tokenizer object (callable on text), or a model name/path")
+
+    def _check_preset(self) -> None:
+        if self.preset not in PRESETS:
+            raise _bad("preset", self.preset, " | ".join(repr(x) for x in PRESETS))
+        chosen = PRESETS[self.preset]
+        if self.solver is None:
+            self.solver = chosen["solver"]
+        if self.solver not in SOLVERS:
+            raise _bad("solver", self.solver, " | ".join(repr(x) for x in SOLVERS))
+        steps = self.search_steps
+        if steps is None:
+            self.search_steps = chosen["search_steps"] if self.schedule == "hessian" and self.sparsity > 0 else 0
+        elif isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_SEARCH_STEPS:
+            raise _bad("search_steps", steps, f"an integer from 0 (no search) to {MAX_SEARCH_STEPS}")
+        elif steps and self.schedule != "hessian":
+            raise _bad("search_steps", steps, f"0 with schedule={self.schedule!r} (the search refines the 'hessian' "
+                       "schedule's allocation)")
 
     def _check_range(self) -> None:
         r = self.sparsity_range
@@ -267,7 +396,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         if isinstance(ds, str):
             if ds in HUB_DATASETS or os.path.exists(ds):
                 return
-            raise _bad("dataset", ds, f"a path to an existing .txt file or folder, one of {HUB_DATASETS}, "
+            raise _bad("dataset", ds, f"a path (str or pathlib.Path) to an existing .txt file or folder, one of {HUB_DATASETS}, "
                        "a list of strings, or a datasets.Dataset with a 'text' column")
         if isinstance(ds, (list, tuple)):
             if not ds or not all(isinstance(t, str) for t in ds):
@@ -293,17 +422,28 @@ class SparseScheduleConfig(QuantizationConfigMixin):
 
     # ------------------------------------------------------------------ serialization
     def options_dict(self) -> dict[str, Any]:
-        """Every option, JSON-safe: objects (tokenizer, in-memory datasets) are replaced by descriptions."""
+        """Every option, JSON-safe and free of local paths (this dict is what config.json, the model card and an
+        upload hold): objects (tokenizer, in-memory datasets) are replaced by descriptions, a local calibration file
+        or folder by its name and the SHA-256 of its text (:func:`describe_dataset`), a local tokenizer path by its
+        folder name, and :data:`LOCAL_OPTIONS` (``checkpoint_dir``) are left out."""
         out: dict[str, Any] = {}
-        for key, value in self.__dict__.items():
-            if key.startswith("_") or key == "results":
+        for key, value in list(self.__dict__.items()):
+            if key.startswith("_") or key == "results" or key in LOCAL_OPTIONS:
                 continue
-            if key == "tokenizer" and value is not None and not isinstance(value, str):
-                value = getattr(value, "name_or_path", None) or type(value).__name__
-            elif key == "dataset" and not isinstance(value, str):
-                value = f"<{type(value).__name__} of {len(value)} texts>" if hasattr(value, "__len__") else "<in-memory>"
+            if key == "tokenizer" and value is not None:
+                value = describe_tokenizer(value)
+            elif key == "dataset":
+                value = self._dataset_description()
             out[key] = value
         return out
+
+    def _dataset_description(self) -> str:
+        """:func:`describe_dataset` of ``dataset``, computed once per dataset (a local file is hashed once)."""
+        cached = getattr(self, "_described", None)
+        key = self.dataset if isinstance(self.dataset, str) else id(self.dataset)
+        if cached is None or cached[0] != key:
+            self._described = (key, describe_dataset(self.dataset))
+        return self._described[1]
 
     def fingerprint_options(self) -> dict[str, Any]:
         """The options that decide the compressed weights (all but :data:`OUTPUT_NEUTRAL_OPTIONS`)."""

@@ -7,17 +7,22 @@ Load phases (transformers ``HfQuantizer``; what the base class does is not repea
   ``device_map`` is kept: blocks it offloads to ``"cpu"``/``"disk"`` (with ``offload_folder``) are onloaded one at
   a time and their compressed weights written back to the offload store (:mod:`.pipeline.sources`), so models
   larger than the host memory can be compressed too.
+- ``_process_model_before_weight_loading`` (pre-quantized checkpoints): before any tensor is read, the options and
+  results of ``config.json`` are checked against what every weight file recorded (:mod:`.formats.metadata`), and the
+  key that makes plain transformers refuse a compact checkpoint is marked as expected.
 - load operations (``get_load_operations``): a compact checkpoint (:mod:`.formats.compact`) stores each compressed
-  weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact.CompactDeserialize` rebuilds
-  the dense weight bit for bit while the checkpoint loads.
+  weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact_load.CompactDeserialize`
+  checks and rebuilds the dense weight bit for bit while the checkpoint loads.
 - ``_process_model_after_weight_loading``: for a model that is not yet compressed, calibrate and compress it now
   (:func:`.sequential.compress_blocks`); then give the model this package's save (:mod:`.publish.save`).
 - saving (``get_state_dict_and_metadata``): the compact tensors, the compressed-tensors ``pack-quantized`` ones
-  (:mod:`.formats.compressed_tensors`), or the dense state dict for ``export_format="dense"``.
+  (:mod:`.formats.compressed_tensors`), or the dense state dict for ``export_format="dense"``; every weight file's
+  header records the writer, the format, the grid and the results (:func:`.formats.metadata.weights_metadata`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -26,7 +31,9 @@ from transformers.quantizers import HfQuantizer
 
 from .sequential import compress_blocks
 from .config import SparseScheduleConfig
-from .formats.compact import SUFFIXES, CompactDeserialize, compact_state_dict
+from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES, compact_state_dict
+from .formats.compact_load import CompactDeserialize
+from .formats.metadata import check_weights_metadata, weights_metadata
 from .pipeline.offload import has_offloaded_weights
 from .publish.save import install_save
 
@@ -42,6 +49,14 @@ class SparseScheduleQuantizer(HfQuantizer):
             device_map = {"": torch.device("cpu")}
         return device_map
 
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:
+            check_weights_metadata(checkpoint_files or (), self.quantization_config)
+            ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+            model._keys_to_ignore_on_load_unexpected = ignored | {re.escape(REQUIRES_PLUGIN_KEY)}
+        return model
+
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.pre_quantized:
             compress_blocks(model, self.quantization_config)
@@ -56,17 +71,20 @@ class SparseScheduleQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
         config = self.quantization_config
-        if not config.results.compressed or config.export_format == "dense":
+        if not config.results.compressed:
             return None, {}
         if has_offloaded_weights(model):
             raise ValueError("save_pretrained: the weights of this compressed model are offloaded by accelerate; save "
                              "it with model.save_pretrained(folder), this package's save, which writes it block by "
                              "block (type(model).save_pretrained cannot encode weights that are not loaded)")
+        metadata = weights_metadata(config)
+        if config.export_format == "dense":
+            return None, metadata
         if config.export_format == "compressed-tensors":
             from .formats.compressed_tensors import compressed_tensors_state_dict
 
-            return compressed_tensors_state_dict(model, config), {}
-        return compact_state_dict(model, config), {"sparse_schedule_format": "compact"}
+            return compressed_tensors_state_dict(model, config), metadata
+        return compact_state_dict(model, config), metadata
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 #: the result fields, also accepted at the top level of a saved config (checkpoints of optimum-sparsesched 0.1.0)
-RESULT_FIELDS = ("layer_sparsities", "layer_errors", "resolved_range", "eval_results")
+RESULT_FIELDS = ("layer_sparsities", "layer_errors", "resolved_range", "eval_results", "search")
 
 
 @dataclass
@@ -19,12 +19,14 @@ class CompressionResults:
     ``layer_errors``: the schedule's per-module error estimates (or the OBS loss of every module when the schedule
     estimates none); ``resolved_range``: the ``[lo, hi]`` sparsity range the schedule used (``"auto"`` resolved),
     ``None`` when it has none; ``eval_results``: evaluations recorded with
-    :func:`optimum_sparsesched.record_eval_result` (shown in the model card)."""
+    :func:`optimum_sparsesched.record_eval_result` (shown in the model card); ``search``: with ``search_steps``, what
+    the allocation search did (``kl_before``, ``kl_after``, ``steps``, ``evaluations``, ``blocks_pruned``)."""
 
     layer_sparsities: dict[str, float] = field(default_factory=dict)
     layer_errors: dict[str, float] = field(default_factory=dict)
     resolved_range: list[float] | None = None
     eval_results: list[dict[str, Any]] = field(default_factory=list)
+    search: dict[str, Any] | None = None
 
     @property
     def compressed(self) -> bool:
@@ -43,4 +45,5 @@ class CompressionResults:
         return cls(layer_sparsities=dict(data.get("layer_sparsities") or {}),
                    layer_errors=dict(data.get("layer_errors") or {}),
                    resolved_range=list(data["resolved_range"]) if data.get("resolved_range") is not None else None,
-                   eval_results=[dict(r) for r in data.get("eval_results") or []])
+                   eval_results=[dict(r) for r in data.get("eval_results") or []],
+                   search=dict(data["search"]) if data.get("search") else None)

@@ -27,14 +27,16 @@ from .obs.inverse import InverseHessian
 from .obs.prune import KERNEL_ENV, check_kernel, prune
 from .obs.spec import PruneSpec
 from .pipeline.blocks import BlockInputs, capture_block_inputs, run_block
-from .pipeline.calibration import calibration_windows, resolve_tokenizer
+from .pipeline.calibration import calibration_windows, check_token_ids, resolve_tokenizer
 from .pipeline.checkpoint import BlockCheckpoint, block_state, fingerprint, restore_block
+from .pipeline.digest import block_digest, outside_digest
 from .pipeline.distributed import DistributedContext, init_distributed
 from .pipeline.hessians import collect_block_hessians
 from .pipeline.plan import CompressionPlan, plan_compression, set_weight_matrix, weight_matrix
 from .pipeline.residency import compute_device, decide_for_inputs, plan_residency, store
 from .pipeline.sources import BlockSink, BlockSource
 from .schedule.allocate import Allocation, allocate_sparsities, measures_damage, needs_statistics
+from .schedule.search import search_allocation
 from .schedule.statistics import measure_layer_statistics
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
             set_weight_matrix(m, result.weight)
             set_module_grid(m, result.grid)
             losses[name] = result.loss
+            if result.sparsegpt_loss is not None:
+                logger.debug("%s: layer loss %.6g with solver %s, SparseGPT scan %.6g", name, result.loss,
+                             result.solver, result.sparsegpt_loss)
     del inverses
     for k, (name, m) in enumerate(modules.items()):
         rows, cols = weight_matrix(m).shape
@@ -86,8 +91,13 @@ def measure_schedule(model: nn.Module, plan: CompressionPlan, inputs: BlockInput
             probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(
                 model, probe, device, storage, visit=functools.partial(source.visit, 0))
             stats = measure_layer_statistics(model, plan, probe_inputs, probe, config, device,
-                                             measures_damage(config), source)
+                                             measures_damage(config), source, keep_dense=config.search_steps > 0)
         allocation = allocate_sparsities(plan, config, stats)
+        if config.search_steps > 0:
+            allocation = search_allocation(model, plan, probe_inputs, probe, stats, allocation, config, device,
+                                           source)
+            logger.info("allocation search: KL %.5g -> %.5g in %d steps", allocation.search["kl_before"],
+                        allocation.search["kl_after"], allocation.search["steps"])
     return ctx.broadcast_object(allocation)
 
 
@@ -98,9 +108,10 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
 
     Offloaded blocks are onloaded one at a time and their compressed weights written back to their offload store,
     or, with ``sink``, handed to ``sink(index, block, modules)`` instead (the streaming path writes them into the
-    output checkpoint). Every check against the model and the options runs before any work. Fills ``config.results``
-    (``layer_sparsities``: achieved zero fraction per module; ``layer_errors``: the schedule's estimates, else the
-    OBS loss of every module; ``resolved_range``) and sets ``model.config.quantization_config = config``.
+    output checkpoint). Every check against the model and the options runs before any work (a ``checkpoint_dir`` is
+    opened, locked and proven writable before calibration). Fills ``config.results`` (``layer_sparsities``: achieved
+    zero fraction per module; ``layer_errors``: the schedule's estimates, else the OBS loss of every module;
+    ``resolved_range``) and sets ``model.config.quantization_config = config``.
     """
     kernel = check_kernel(os.environ.get(KERNEL_ENV, "auto"), KERNEL_ENV)
     plan = plan_compression(model, config)
@@ -108,17 +119,42 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     damage = int(measures_damage(config))
     working = plan_residency(model, plan, config, damage, write_back=sink is None)  # refuses a too small budget
     tok = resolve_tokenizer(config, tokenizer, model)
-    windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
-
     ctx = init_distributed()
+    checkpoint = BlockCheckpoint(config.checkpoint_dir) if config.checkpoint_dir else None
+    if checkpoint is not None and ctx.is_main:
+        checkpoint.open()  # unwritable, or in use by another run: refused here, before any work
+    try:
+        return _compress(model, config, plan, working, damage, tok, kernel, ctx, checkpoint, sink)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+
+
+def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionPlan, working: Any, damage: int,
+              tok: Any, kernel: str, ctx: DistributedContext, checkpoint: BlockCheckpoint | None,
+              sink: BlockSink | None) -> nn.Module:
+    windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
+    check_token_ids(windows, model)
     device = compute_device()
-    checkpoint = manifest = None
-    if config.checkpoint_dir:
-        checkpoint = BlockCheckpoint(config.checkpoint_dir, fingerprint(config, windows, model))
+    manifest = None
+    digests: dict[int, str] = {}
+    source = BlockSource(sink)
+
+    def visited_digest(i: int) -> str:  # an offloaded block is read once for it
+        with source.visit(i, plan.blocks[i], device):
+            return block_digest(plan.blocks[i])
+
+    if checkpoint is not None:
+        checkpoint.fingerprint = fingerprint(config, windows, model)
         manifest = checkpoint.load()
+        outside = outside_digest(model, plan.blocks)
+        if manifest is not None:  # the weights must be those the saved blocks were made from; nothing touched yet
+            checkpoint.check_weights(manifest, outside, visited_digest)
+            digests = {int(k): v for k, v in manifest["weights"]["blocks"].items()}
+        elif needs_statistics(config):  # the schedule reads every block: a resume must find all of them unchanged
+            digests = {i: visited_digest(i) for i in range(len(plan.blocks))}
     was_training = model.training
     model.eval()
-    source = BlockSource(sink)
     inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device,
                                   visit=functools.partial(source.visit, 0))
     probe_count = min(config.probe_samples, len(windows)) if needs_statistics(config) and ctx.is_main else 0
@@ -129,7 +165,8 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     else:
         allocation = measure_schedule(model, plan, inputs, windows, config, device, residency.storage, ctx, source)
         if checkpoint is not None and ctx.is_main:
-            manifest = checkpoint.start(allocation.targets, allocation.estimates, allocation.resolved_range)
+            manifest = checkpoint.start(allocation.targets, allocation.estimates, allocation.resolved_range,
+                                        outside, digests)
     finished = manifest["finished_blocks"] if manifest is not None else 0
     achieved: dict[str, float] = dict(manifest["achieved"]) if manifest is not None else {}
     losses: dict[str, float] = dict(manifest["errors"]) if manifest is not None else {}
@@ -138,9 +175,14 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     progress = tqdm(total=len(plan.blocks), desc="sparsegpt", unit="block", mininterval=0)
     for index, block in enumerate(plan.blocks):
         modules = plan.modules[index]
+        saved = checkpoint.load_block(manifest, index) if index < finished else None
+        if index < finished and not all(ctx.merge_dicts({ctx.rank: saved is not None}).values()):
+            finished = index  # a damaged block file: recompute it and every block after it
         with source.visit(index, block, device, updated=modules) as on:
+            if checkpoint is not None and index >= finished and index not in digests:
+                digests[index] = block_digest(block)  # its weights before compression (materialised now)
             if index < finished:
-                restore_block(modules, checkpoint.load_block(index))
+                restore_block(modules, saved)
             else:
                 accumulators = collect_block_hessians(block, modules, inputs, index, on)
                 losses.update(compress_block(modules, accumulators, allocation.targets, config, on, kernel, ctx))
@@ -151,8 +193,8 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
                 out = run_block(block, h, inputs.args[index], inputs.kwargs[index], on, inputs.returns_tuple)
                 inputs.hidden[j] = store(out, h)
             if checkpoint is not None and index >= finished and ctx.is_main:  # while the weights are materialised
-                checkpoint.save_block(manifest, index, block_state(modules),
-                                      {n: achieved[n] for n in modules}, {n: losses[n] for n in modules})
+                checkpoint.save_block(manifest, index, block_state(modules), {n: achieved[n] for n in modules},
+                                      {n: losses[n] for n in modules}, digests[index])
         progress.set_postfix(err=f"{sum(losses.values()):.4g}", refresh=False)
         progress.update()
     progress.close()
@@ -163,6 +205,7 @@ def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: A
     results.layer_sparsities = achieved
     results.layer_errors = allocation.estimates or losses
     results.resolved_range = allocation.resolved_range
+    results.search = allocation.search
     model.config.quantization_config = config
     ctx.barrier()
     if was_training:

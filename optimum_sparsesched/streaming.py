@@ -15,10 +15,12 @@ into ``out`` without ever holding the model in memory:
 3. the tensors outside the blocks, the shard index, ``config.json`` (with the ``quantization_config`` and its
    results), ``generation_config.json``, the tokenizer and the model card are written at the end.
 
-Everything is written into a temporary sibling folder of ``out`` and moved into ``out`` only when complete
-(weights, then the index, then ``config.json`` last); a failure at any point leaves ``out`` as it was. Files in
-``out`` that this run does not write are left alone, except the weight files of an earlier checkpoint there
-(``model*.safetensors`` and its index), which would otherwise be mixed with the new ones.
+Everything is written into a private staging folder inside ``out`` and moved into ``out`` only when complete, with
+the guarantees of every save of this package (:func:`.publish.staging.staged_folder`: one writer per folder, files
+renamed in one by one with ``config.json`` last, stale weight files of an earlier save of ours removed and nothing
+else, every weight file recording the options and the results digest that the load checks); a failure at any point
+leaves ``out`` as it was (a folder created for the run is removed again). ``out`` may not overlap the run's
+``checkpoint_dir``.
 
 The result equals ``from_pretrained(src, quantization_config=config).save_pretrained(out)`` tensor for tensor,
 bit for bit, with the same ``dtype``. Under torch.distributed every rank streams the blocks and shares the work as
@@ -29,10 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import tempfile
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,14 +44,14 @@ from .obs.grid import GRID_ATTR
 from .pipeline.blocks import find_decoder_blocks, non_block_modules
 from .pipeline.calibration import resolve_tokenizer
 from .pipeline.distributed import init_distributed
-from .publish.export import block_part, checkpoint_metadata, finish_part, rest_part, write_config
+from .publish.export import (block_part, checkpoint_metadata, finish_part, holds_compact_tensors, rest_part,
+                             write_config)
 from .publish.model_card import CARD_FILE, card_for_model, is_own_card
+from .publish.save import check_folders_apart
 from .publish.shards import ShardWriter, shard_size_bytes
+from .publish.staging import staged_folder
 from .sequential import compress_blocks
 
-#: files of a previous checkpoint in ``out`` that a new one replaces as a set
-OLD_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
-                         r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json")
 #: what a hub snapshot needs: the config, the safetensors weights and the tokenizer files
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
@@ -93,21 +92,6 @@ def streaming_device_map(folder: Path) -> dict[str, str]:
     return device_map
 
 
-def _install(staging: Path, out: Path) -> None:
-    """Move every file of ``staging`` into ``out`` (weights, the index, the rest, ``config.json`` last), remove the
-    weight files of an earlier checkpoint in ``out`` that were not replaced, then ``staging`` itself."""
-    new = [p.name for p in staging.iterdir()]
-    rank = {n: (0 if n.endswith(".safetensors") else 1 if n.endswith(".index.json") else 3 if n == "config.json"
-                else 2) for n in new}
-    out.mkdir(parents=True, exist_ok=True)
-    for name in sorted(new, key=lambda n: (rank[n], n)):
-        os.replace(staging / name, out / name)
-    for old in out.iterdir():
-        if old.is_file() and old.name not in rank and OLD_WEIGHTS.fullmatch(old.name):
-            old.unlink()
-    staging.rmdir()
-
-
 def _check_output(out: Path, src: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} is a file; allowed: a folder (created if missing)")
@@ -135,6 +119,7 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
     out = Path(out)
     folder = resolve_source(src, revision, token)
     _check_output(out, folder)
+    check_folders_apart(config.checkpoint_dir, out)
     ctx = init_distributed()
     with tempfile.TemporaryDirectory(prefix="sparsesched-offload-") as scratch:  # for weights transformers converts
         with _quiet("accelerate.big_modeling"):  # "parameters on the meta device": that is the point here
@@ -148,17 +133,13 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
             compress_blocks(model, config, tok, sink=lambda *_: None)
             ctx.barrier()
             return config
-        staging = out.with_name(f".{out.name}.stream-{uuid.uuid4().hex[:8]}")
-        writer = ShardWriter(staging, max_shard_size, checkpoint_metadata(config, compressed=True))
+        created = not out.exists()
         try:
-            compress_blocks(model, config, tok, sink=_block_sink(model, config, writer))
-            writer.add(finish_part(model, rest_part(model)))
-            writer.finish(total_parameters=model.num_parameters())
-            _write_beside_weights(model, config, tok, staging, out)
-            _install(staging, out)
+            with staged_folder(out) as staging:
+                _stream_into(model, config, tok, staging, out, max_shard_size)
         except BaseException:
-            writer.discard()
-            shutil.rmtree(staging, ignore_errors=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a folder made for this run only
             raise
     ctx.barrier()
     return config
@@ -176,15 +157,33 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _stream_into(model: Any, config: SparseScheduleConfig, tok: Any, staging: Path, out: Path,
+                 max_shard_size: int | str) -> None:
+    """Compress ``model`` block by block into shards in ``staging``, then write the rest beside them."""
+    writer = ShardWriter(staging, max_shard_size)
+    try:
+        sink = _block_sink(model, config, writer)
+        compress_blocks(model, config, tok, sink=sink)
+        writer.add(finish_part(model, rest_part(model, compact_stored=getattr(sink, "compact_stored", False))))
+        writer.finish(total_parameters=model.num_parameters(), metadata=checkpoint_metadata(config))
+    except BaseException:
+        writer.discard()
+        raise
+    _write_beside_weights(model, config, tok, staging, out)
+
+
 def _block_sink(model: nn.Module, config: SparseScheduleConfig, writer: ShardWriter):
     blocks_name, _ = find_decoder_blocks(model)
 
     def sink(index: int, block: nn.Module, modules: dict[str, nn.Module]) -> None:
         prefix = f"{blocks_name}.{index}." if blocks_name else f"{index}."
-        writer.add(finish_part(model, block_part(prefix, block, modules, config)))
+        part = block_part(prefix, block, modules, config)
+        sink.compact_stored = sink.compact_stored or holds_compact_tensors(part)
+        writer.add(finish_part(model, part))
         for m in modules.values():  # the grids are in the shards now: keep host memory flat in depth
             m.__dict__.pop(GRID_ATTR, None)
 
+    sink.compact_stored = False
     return sink
 
 

@@ -1,5 +1,6 @@
 """Config validation (clear errors naming the option), serialization, model-level checks before any work."""
 
+import json
 import math
 
 import datasets
@@ -19,10 +20,55 @@ from optimum_sparsesched import SparseScheduleConfig, compress
     (dict(dataset="/no/such/file.txt"), "dataset"), (dict(dataset=[]), "dataset"), (dict(dataset=[1, 2]), "dataset"),
     (dict(dataset=datasets.Dataset.from_dict({"content": ["a"]})), "dataset"),
     (dict(modules_to_not_convert=[""]), "modules_to_not_convert"), (dict(sym="yes"), "sym"),
+    (dict(modules_to_not_convert=5), "modules_to_not_convert"), (dict(seed=2**70), "seed"),
+    (dict(seed=2**64), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(seed=1.5), "seed"),
+    (dict(tokenizer=123), "tokenizer"), (dict(tokenizer=" "), "tokenizer"), (dict(damp=1e300), "damp"),
+    (dict(damp=1.5), "damp"), (dict(num_samples=10**9), "num_samples"), (dict(num_samples=65537), "num_samples"),
 ])
 def test_bad_options_name_the_parameter(kwargs, option):
     with pytest.raises(ValueError, match=f"`{option}`"):
         SparseScheduleConfig(**kwargs)
+
+
+def test_bounds_explain_themselves():
+    with pytest.raises(ValueError, match="0 < damp <= 1.*magnitude pruning"):
+        SparseScheduleConfig(damp=1e300)
+    with pytest.raises(ValueError, match="at most 65536.*activations are kept in memory"):
+        SparseScheduleConfig(num_samples=10**9)
+    with pytest.raises(ValueError, match="torch.Generator"):
+        SparseScheduleConfig(seed=2**70)
+    for seed in (-(2**63), 2**64 - 1):  # the ends of torch.Generator's range are accepted
+        SparseScheduleConfig(seed=seed, dataset=["x"])
+    assert SparseScheduleConfig(damp=1.0, num_samples=65536, dataset=["x"]).damp == 1.0
+
+
+def test_a_module_name_or_a_path_where_a_list_or_str_is_expected():
+    assert SparseScheduleConfig(modules_to_not_convert="lm_head").modules_to_not_convert == ["lm_head"]
+    assert SparseScheduleConfig(modules_to_not_convert=None).modules_to_not_convert == []
+    cfg = SparseScheduleConfig(dataset=CALIBRATION_TEXT, checkpoint_dir=CALIBRATION_TEXT.parent / "ckpt")
+    assert cfg.dataset == str(CALIBRATION_TEXT) and cfg.checkpoint_dir == str(CALIBRATION_TEXT.parent / "ckpt")
+
+
+def test_the_saved_dict_holds_no_local_path(tmp_path):
+    import hashlib
+
+    data = tmp_path / "folder"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("first text")
+    (data / "sub" / "b.txt").write_text("second text")
+    for dataset, expected in [
+        (CALIBRATION_TEXT, f"<file calibration.txt sha256:{hashlib.sha256(CALIBRATION_TEXT.read_bytes()).hexdigest()}>"),
+        (data, "<folder folder: 2 .txt files sha256:"), ("wikitext2", "wikitext2"), (["x", "y"], "<list of 2 texts>"),
+    ]:
+        saved = SparseScheduleConfig(dataset=dataset, checkpoint_dir=tmp_path / "ckpt", tokenizer=str(tmp_path)).to_dict()
+        assert saved["dataset"].startswith(expected) and str(tmp_path) not in json.dumps(saved), saved
+        assert "checkpoint_dir" not in saved and saved["tokenizer"] == f"<local {tmp_path.name}>"
+    before = SparseScheduleConfig(dataset=data).to_dict()["dataset"]
+    (data / "a.txt").write_text("changed")  # the description identifies the content
+    assert SparseScheduleConfig(dataset=data).to_dict()["dataset"] != before
+    assert SparseScheduleConfig(tokenizer="org/tok").to_dict()["tokenizer"] == "org/tok"  # a hub id is kept
+    back = SparseScheduleConfig.from_dict(SparseScheduleConfig(dataset=CALIBRATION_TEXT).to_dict())
+    assert back.dataset.startswith("<file calibration.txt sha256:")
 
 
 def test_unknown_option_is_rejected():

@@ -16,6 +16,8 @@ LONG_MODULES = {
     "config.py": "every option of a run in one class, with its documentation and validation",
     "pipeline/residency.py": "the device-memory accounting is documented term by term beside the code that applies it",
     "publish/model_card.py": "the card's metadata, tables and plot are built from one config in one place",
+    "formats/compact.py": "the layout, its encoder and its checked decoder side by side, so every check reads next to "
+                          "the layout rule it enforces",
 }
 
 

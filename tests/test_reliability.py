@@ -1,7 +1,8 @@
-"""Reliability: resumable runs, atomic saves, numerical faults, loading without the plugin."""
+"""Reliability: resumable runs and numerical faults. Saves: tests/publish/test_save.py; resume state checks:
+tests/pipeline/test_checkpoint.py; compact checkpoint checks and loading without the plugin:
+tests/formats/test_compact_integrity.py."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -84,29 +85,6 @@ def test_finished_checkpoint_is_reused_without_recompression(bits, tmp_path, tok
     assert all(torch.equal(x, reloaded.state_dict()[k]) for k, x in a.state_dict().items())
 
 
-def test_save_pretrained_is_atomic(tmp_path, tokenizer, monkeypatch):
-    model = tiny_model("llama")
-    compress(model, SparseScheduleConfig(sparsity=0.5, **SMALL), tokenizer=tokenizer)
-    out = tmp_path / "out"
-    model.save_pretrained(out)
-    (out / "NOTES.md").write_text("mine")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    import transformers.modeling_utils
-
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(out)
-    monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left behind
-    model.save_pretrained(out)  # a good save keeps unrelated files
-    assert (out / "NOTES.md").read_text() == "mine"
-
-
 def test_non_finite_activations_name_the_module(tokenizer):
     model = tiny_model("llama")
     with torch.no_grad():
@@ -127,15 +105,3 @@ def test_no_weight_is_ever_nan_or_inf(seed, log_scale, sparsity, bits, rank_defi
     result = solve(W, H, sparsity, bits=bits, group_size=16, block_size=16)
     Q, loss = result.weight, result.loss
     assert torch.isfinite(Q).all()
-
-
-def test_loading_without_the_plugin_warns(tmp_path, tokenizer):
-    model = tiny_model("llama")
-    compress(model, SparseScheduleConfig(sparsity=0.5, **SMALL), tokenizer=tokenizer)
-    model.save_pretrained(tmp_path / "out")
-    script = (f"from transformers import AutoModelForCausalLM\n"
-              f"m = AutoModelForCausalLM.from_pretrained(r'{tmp_path / 'out'}')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
-    assert run.returncode == 0
-    assert "sparse_schedule" in run.stderr

@@ -16,6 +16,13 @@ Decompression computes ``W[r, c] = scale[r, g] · (q - zero[r, g])`` in float32 
 exactly what the OBS pass wrote into the model — so a reloaded model is bit-identical to the one saved. At save
 time the codes are read back from the weights (:func:`grid_codes`).
 
+Nothing read back is trusted: before decoding, :func:`check_compact_tensors` checks every tensor of a module against
+its mask (values/codes count = popcount), the module's shape and the config's ``bits``/``group_size``/``sym``
+(scale/zero shapes, zero present iff asymmetric) and refuses non-finite values or scales, naming the tensor. The
+options the tensors were encoded with are also recorded in every weight file (:mod:`.metadata`). Each compactly
+stored module keeps an empty ``weight`` placeholder so that plain transformers (without this package) refuses the
+checkpoint instead of loading random layers (:func:`compact_state_dict`).
+
 Sizes in bits per weight at sparsity ``s`` (``g`` = group size): ``1 + 16(1-s)`` unquantized (bf16) and
 ``1 + bits·(1-s) + (16 + bits)/g`` quantized asymmetric; 0.7 + INT4 with ``g = 128`` is ≈ 2.4 bits, 15% of bf16
 (less in practice: kept weights that round to the zero point are stored as zeros).
@@ -28,10 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..obs.grid import dequantize, module_grid, set_module_grid
-from ..pipeline.plan import is_transposed, weight_matrix
+from ..obs.grid import dequantize, module_grid
+from ..pipeline.plan import weight_matrix
 
 SUFFIXES = ("weight_mask", "weight_values", "weight_codes", "weight_scale", "weight_zero")
+#: an empty tensor of every compact checkpoint, listed as an UNEXPECTED key by transformers loading it without this
+#: package (this package ignores it)
+REQUIRES_PLUGIN_KEY = "sparse_schedule.import_optimum_sparsesched_before_from_pretrained"
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
@@ -122,20 +132,91 @@ def encode_weight(weight: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor] 
     return out
 
 
-def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
-                  bits: int | None = None, group_size: int = -1, sym: bool = False) -> tuple[torch.Tensor, tuple | None]:
-    """Rebuild ``W`` ``[rows, cols]`` in ``dtype`` from :func:`encode_weight`'s tensors; also returns the grid
-    ``(scale, zero)`` (float32 ``[rows, groups]``) when the weight was quantized, else ``None``."""
+def group_count(cols: int, group_size: int) -> int:
+    """Quantization groups per row: ``⌈cols / group_size⌉``, 1 for ``group_size=-1``."""
+    return 1 if group_size == -1 else -(-cols // group_size)
+
+
+def _packed_length(count: int, bits: int) -> int:
+    return count if bits == 8 else -(-count // 2)
+
+
+def check_compact_tensors(tensors: dict[str, torch.Tensor], shape: tuple[int, int], bits: int | None,
+                          group_size: int, sym: bool, name: str = "module") -> torch.Tensor:
+    """Check one module's compact tensors against the module's ``shape`` ``(rows, cols)`` and the config's grid
+    before anything is decoded; returns the unpacked mask ``[rows, cols]`` bool.
+
+    Refused with a ``ValueError`` naming the tensor: a mask of the wrong dtype/shape or with bits set past the last
+    column; not exactly one of ``weight_values``/``weight_codes``; a values count other than the mask's popcount, or
+    non-finite values; codes without ``bits`` 4/8, a codes length other than the packed popcount; a scale that is not
+    ``[rows, groups]`` (``groups`` from ``group_size``) or not finite; a ``weight_zero`` present with ``sym=True`` or
+    missing with ``sym=False``, or of the wrong length; any other tensor."""
     rows, cols = shape
-    mask = unpack_mask(tensors["weight_mask"], cols)
-    if mask.shape[0] != rows:
-        raise ValueError(f"weight_mask has {mask.shape[0]} rows; the module has {rows}")
+    packed = tensors.get("weight_mask")
+    if packed is None or packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, -(-cols // 8)):
+        got = "missing" if packed is None else f"{packed.dtype} {tuple(packed.shape)}"
+        raise ValueError(f"{name}.weight_mask: expected uint8 {(rows, -(-cols // 8))} for a [{rows}, {cols}] "
+                         f"weight, the checkpoint holds {got}")
+    if cols % 8 and bool((packed[:, -1] >> (cols % 8)).any()):
+        raise ValueError(f"{name}.weight_mask: bits set past column {cols}; the checkpoint is damaged")
+    mask = unpack_mask(packed, cols)
+    kept = int(mask.sum())
+    stored = set(tensors) - {"weight"}  # ``weight``: the empty placeholder for plain transformers, see below
+    values, codes = tensors.get("weight_values"), tensors.get("weight_codes")
+    if (values is None) == (codes is None):
+        raise ValueError(f"{name}: the checkpoint holds {sorted(stored)}; a compact weight needs weight_mask and "
+                         "exactly one of weight_values / weight_codes")
+    if values is not None:
+        if stored != {"weight_mask", "weight_values"}:
+            raise ValueError(f"{name}: unexpected {sorted(stored - {'weight_mask', 'weight_values'})} beside "
+                             "weight_values (an unquantized compact weight stores weight_mask and weight_values only)")
+        if values.dim() != 1 or values.numel() != kept or not values.is_floating_point():
+            raise ValueError(f"{name}.weight_values: {values.dtype} {tuple(values.shape)}, but weight_mask marks "
+                             f"{kept} kept weights (a 1-D float tensor of {kept} values is expected)")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name}.weight_values: holds NaN or Inf; the checkpoint is damaged")
+        return mask
+    if bits not in (4, 8):
+        raise ValueError(f"{name}.weight_codes: the checkpoint stores quantization codes but config.json has "
+                         f"bits={bits!r} (4 or 8 expected)")
+    groups = group_count(cols, group_size)
+    if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != _packed_length(kept, bits):
+        raise ValueError(f"{name}.weight_codes: {codes.dtype} {tuple(codes.shape)}, but {kept} kept weights at "
+                         f"{bits} bits pack into uint8 ({_packed_length(kept, bits)},)")
+    scale = tensors.get("weight_scale")
+    if scale is None or tuple(scale.shape) != (rows, groups) or not scale.is_floating_point():
+        got = "missing" if scale is None else f"{scale.dtype} {tuple(scale.shape)}"
+        raise ValueError(f"{name}.weight_scale: expected a float ({rows}, {groups}) grid for group_size={group_size} "
+                         f"over {cols} inputs, the checkpoint holds {got} (was group_size edited in config.json?)")
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"{name}.weight_scale: holds NaN or Inf; the checkpoint is damaged")
+    zero = tensors.get("weight_zero")
+    if sym and zero is not None:
+        raise ValueError(f"{name}.weight_zero: the checkpoint stores zero points but config.json has sym=True "
+                         "(saved with sym=False?)")
+    if not sym and (zero is None or zero.dtype != torch.uint8 or zero.dim() != 1
+                    or zero.numel() != _packed_length(rows * groups, bits)):
+        got = "missing" if zero is None else f"{zero.dtype} {tuple(zero.shape)}"
+        raise ValueError(f"{name}.weight_zero: expected uint8 ({_packed_length(rows * groups, bits)},) for sym=False, "
+                         f"the checkpoint holds {got} (was sym edited in config.json?)")
+    extra = stored - {"weight_mask", "weight_codes", "weight_scale", "weight_zero"}
+    if extra:
+        raise ValueError(f"{name}: unexpected {sorted(extra)} beside weight_codes")
+    return mask
+
+
+def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
+                  bits: int | None = None, group_size: int = -1, sym: bool = False,
+                  name: str = "module") -> tuple[torch.Tensor, tuple | None]:
+    """Rebuild ``W`` ``[rows, cols]`` in ``dtype`` from :func:`encode_weight`'s tensors, after
+    :func:`check_compact_tensors` (``name`` is the module, for its errors); also returns the grid ``(scale, zero)``
+    (float32 ``[rows, groups]``) when the weight was quantized, else ``None``."""
+    rows, cols = shape
+    mask = check_compact_tensors(tensors, shape, bits, group_size, sym, name)
     weight = torch.zeros(rows, cols, dtype=dtype, device=mask.device)
     if "weight_values" in tensors:
         weight[mask] = tensors["weight_values"].to(dtype)
         return weight, None
-    if bits is None:
-        raise ValueError("the checkpoint stores quantization codes but its config has bits=None")
     scale = tensors["weight_scale"].to(torch.float32)
     groups = scale.shape[1]
     if sym:
@@ -150,9 +231,9 @@ def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtyp
 
 
 def compact_module_tensors(module: nn.Module, config: Any) -> dict[str, torch.Tensor] | None:
-    """The compact tensors (``{suffix: tensor}``, on the CPU) that replace a compressed module's ``weight``, or
-    ``None`` when it stays dense: a module is stored compactly when its weight is quantized (it carries a grid) or
-    when the mask and values are smaller than the dense weight."""
+    """The compact tensors (``{suffix: tensor}``, on the CPU, with the empty ``weight`` placeholder) that replace a
+    compressed module's ``weight``, or ``None`` when it stays dense: a module is stored compactly when its weight is
+    quantized (it carries a grid) or when the mask and values are smaller than the dense weight."""
     grid = module_grid(module) if config.bits is not None else None
     w = weight_matrix(module)
     if grid is None:
@@ -160,59 +241,26 @@ def compact_module_tensors(module: nn.Module, config: Any) -> dict[str, torch.Te
         if nnz * w.element_size() + w.shape[0] * -(-w.shape[1] // 8) >= w.numel() * w.element_size():
             return None
     encoded = encode_weight(w, grid, config.bits, config.group_size, config.sym)
-    return {suffix: t.cpu().contiguous() for suffix, t in encoded.items()}
+    return {"weight": torch.empty(0, dtype=w.dtype), **{suffix: t.cpu().contiguous() for suffix, t in encoded.items()}}
 
 
 def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every compressed module's ``weight`` replaced by its compact tensors
-    (:func:`compact_module_tensors`); other weights stay as they are."""
+    (:func:`compact_module_tensors`); other weights stay as they are. A compactly stored module also keeps an empty
+    ``weight`` placeholder (shape ``[0]``) and the state dict one empty :data:`REQUIRES_PLUGIN_KEY` tensor: loaded
+    without this package, transformers finds every compressed ``weight`` with the wrong shape and refuses to load
+    (instead of initialising those layers at random), and its load report lists the key that says what to do."""
     state = model.state_dict()
     compressed = set(config.results.layer_sparsities)
+    stored = False
     for name, module in model.named_modules():
         if name not in compressed or f"{name}.weight" not in state:
             continue
         encoded = compact_module_tensors(module, config)
         if encoded is None:
             continue
-        del state[f"{name}.weight"]
         state.update({f"{name}.{suffix}": t for suffix, t in encoded.items()})
+        stored = True
+    if stored:
+        state[REQUIRES_PLUGIN_KEY] = torch.empty(0, dtype=torch.uint8)
     return state
-
-
-def _load_op_base():
-    from transformers.core_model_loading import ConversionOps
-
-    return ConversionOps
-
-
-class CompactDeserialize(_load_op_base()):
-    """transformers load operation: the compact tensors of one module (``weight_mask`` + values or codes/grid)
-    -> its dense ``weight`` in the model's dtype. Other parameters (dense ``weight``) pass through unchanged."""
-
-    def __init__(self, hf_quantizer: Any) -> None:
-        self.hf_quantizer = hf_quantizer
-
-    def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None,
-                full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
-        if "weight_mask" not in tensors:
-            return {"weight": tensors["weight"]}
-        config = self.hf_quantizer.quantization_config
-        module_name = full_layer_name.rpartition(".")[0]
-        module = model.get_submodule(module_name)
-        transposed = is_transposed(module)
-        shape = tuple(module.weight.shape[::-1] if transposed else module.weight.shape)
-        weight, grid = decode_weight(tensors, shape, module.weight.dtype, config.bits, config.group_size,
-                                     config.sym)
-        set_module_grid(module, grid)
-        return {"weight": weight.t().contiguous() if transposed else weight}
-
-    @property
-    def reverse_op(self) -> Any:
-        """Saving needs no reverse conversion: the quantizer's state dict already holds the compact tensors."""
-        return _PassThrough()
-
-
-class _PassThrough(_load_op_base()):
-    def convert(self, input_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return input_dict

@@ -41,7 +41,8 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
 class InverseHessian:
     """One Hessian ``H`` ``[cols, cols]`` prepared for OBS: dead inputs marked (``dead`` ``[cols]`` bool) and given
     ``H_ii = 1``, and the factor ``U`` computed once per damping level, then shared by every module that reads the
-    same input (q/k/v, gate/up)."""
+    same input (q/k/v, gate/up). The optimisation solvers (:mod:`.admm`) also share its damped, diagonally normalised
+    form and that form's eigendecomposition (:meth:`normalized`, :meth:`eigh`)."""
 
     def __init__(self, H: torch.Tensor, damp: float) -> None:
         H = H.to(torch.float32).clone()
@@ -50,9 +51,33 @@ class InverseHessian:
         self.H = H
         self.damp = damp
         self._factors: dict[int, torch.Tensor] = {}
+        self._damping: dict[int, float] = {}
+        self._normalized: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._eigh: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def factor(self, escalation: int = 0) -> torch.Tensor:
         """``U`` at damping ``damp · 10^escalation`` (further escalated inside if the Cholesky fails)."""
         if escalation not in self._factors:
-            self._factors[escalation], _ = inverse_hessian_cholesky(self.H, self.damp * 10.0**escalation)
+            self._factors[escalation], self._damping[escalation] = inverse_hessian_cholesky(
+                self.H, self.damp * 10.0**escalation)
         return self._factors[escalation]
+
+    def damped(self, escalation: int = 0) -> torch.Tensor:
+        """``H_λ = H + λI`` ``[cols, cols]`` with the ``λ`` that :meth:`factor` used at this escalation."""
+        self.factor(escalation)
+        return self.H + self._damping[escalation] * torch.eye(self.H.shape[0], device=self.H.device)
+
+    def normalized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(H̃, d)``: ``d = sqrt(diag H_λ)`` ``[cols]`` and ``H̃ = diag(d)⁻¹ H_λ diag(d)⁻¹`` (unit diagonal)."""
+        if self._normalized is None:
+            H = self.damped()
+            d = torch.sqrt(torch.diag(H))
+            self._normalized = (H / d[:, None] / d[None, :], d)
+        return self._normalized
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Λ, Q)`` with ``H̃ = Q diag(Λ) Qᵀ`` (float32; computed in float64)."""
+        if self._eigh is None:
+            lam, Q = torch.linalg.eigh(self.normalized()[0].double())
+            self._eigh = (lam.float(), Q.float())
+        return self._eigh

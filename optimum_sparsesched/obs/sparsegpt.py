@@ -30,9 +30,12 @@ from .spec import PruneSpec
 Grids = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec) -> tuple[torch.Tensor, float, Grids]:
+def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec,
+         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float, Grids]:
     """The OBS column scan of ``W`` ``[rows, cols]`` (float32) with the Cholesky factor ``U`` ``[cols, cols]`` of
-    ``H⁻¹``. Returns ``(Ŵ, loss ½Σe², grids)`` with the ``(scale, zero)`` ``[rows, 1]`` of every group in order."""
+    ``H⁻¹``. Returns ``(Ŵ, loss ½Σe², grids)`` with the ``(scale, zero)`` ``[rows, 1]`` of every group in order.
+    ``mask`` (bool ``[rows, cols]``, True = pruned) fixes which weights go instead of choosing them (the GPTQ pass
+    of a support found by another solver)."""
     W = W.clone()
     rows, cols = W.shape
     nm, group_size = spec.nm, spec.group_size
@@ -50,13 +53,15 @@ def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec) -> tuple[torch.Tenso
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
-        if nm is None:
+        if mask is not None:
+            mask1 = mask[:, i1:i2]
+        elif nm is None:
             mask1 = unstructured_mask(W1, d, prune_count(total_prune, i1, i2, cols))
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             w = W1[:, i]
-            if nm is not None and i % nm[1] == 0:
+            if mask is None and nm is not None and i % nm[1] == 0:
                 mark_nm_(mask1, W1, d, i, nm)
             q = w.clone()
             q[mask1[:, i]] = 0

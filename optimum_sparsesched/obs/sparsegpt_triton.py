@@ -51,11 +51,13 @@ def available(device: torch.device, spec: PruneSpec) -> bool:
     return spec.bits is None or g == -1 or g % b == 0 or b % g == 0
 
 
-def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec) -> tuple[torch.Tensor, float, list]:
+def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec,
+         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float, list]:
     """The column scan of :func:`.sparsegpt.scan` (same arguments and results), one kernel launch per column block."""
     W = W.clone()
     rows, cols = W.shape
-    nm, group_size, block_size = spec.nm, spec.group_size, spec.block_size
+    group_size, block_size = spec.group_size, spec.block_size
+    nm = spec.nm if mask is None else None  # a fixed mask is passed to the kernel as an unstructured one
     grid = QuantGrid(spec.bits, spec.sym) if spec.bits is not None else None
     grids = []
     if grid is not None and group_size == -1:
@@ -68,7 +70,9 @@ def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec) -> tuple[torch.Tenso
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
-        if nm is None:
+        if mask is not None:
+            mask1 = mask[:, i1:i2].contiguous()
+        elif nm is None:
             mask1 = unstructured_mask(W1, torch.diag(U1), prune_count(total_prune, i1, i2, cols))
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)  # N:M masks are chosen in the kernel

@@ -9,6 +9,8 @@ with a seeded generator (windows may overlap, as in SparseGPT's scripts). Result
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,15 @@ def load_texts(dataset: Any) -> list[str]:
         files = sorted(str(p) for p in path.rglob("*.txt")) if path.is_dir() else [str(path)]
         if not files:
             raise ValueError(f"dataset: the folder {str(path)!r} holds no .txt file")
-        texts = list(load_dataset("text", data_files=files, sample_by="document", split="train")["text"])
+        try:
+            with _quiet_datasets():  # no "Generating train split" bar for a local text file
+                texts = list(load_dataset("text", data_files=files, sample_by="document", split="train")["text"])
+        except Exception as exc:  # datasets hides a decode error under DatasetGenerationError: name the file
+            bad = first_non_utf8(files)
+            if bad is None:
+                raise
+            raise ValueError(f"dataset: {bad[0]!r} is not UTF-8 text ({bad[1]}); calibration files must be UTF-8 "
+                             "encoded (convert it, e.g. with iconv)") from exc
     elif dataset == "wikitext2":
         texts = list(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
         texts = ["".join(texts)]
@@ -47,6 +57,40 @@ def load_texts(dataset: Any) -> list[str]:
     if not texts:
         raise ValueError(f"dataset: {describe(dataset)} holds no text")
     return texts
+
+
+def first_non_utf8(files: list[str]) -> tuple[str, str] | None:
+    """The first file of ``files`` that is not valid UTF-8 and where (``(file, "byte 0xff at offset 6")``), else
+    None. Reads in 1 MiB chunks with an incremental decoder."""
+    for name in files:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(name, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                pending = len(decoder.getstate()[0])  # bytes of a sequence cut by the previous chunk
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    return name, f"byte 0x{err.object[err.start]:02x} at offset {offset - pending + err.start}"
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                return name, f"a multi-byte sequence cut off at the end (offset {offset})"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Turn off `datasets`' progress bars (its own switch) while a local file loads; restore them after."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def describe(dataset: Any) -> str:
@@ -75,9 +119,26 @@ def calibration_windows(dataset: Any, tokenizer: Any, num_samples: int, seq_len:
     return sample_windows(tokenize_corpus(load_texts(dataset), tokenizer), num_samples, seq_len, seed)
 
 
+def check_token_ids(windows: torch.Tensor, model: Any) -> None:
+    """Refuse, before any model work, calibration windows holding token ids the model has no embedding for (a
+    tokenizer of another model)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None) or getattr(getattr(embeddings, "weight", None), "shape", [0])[0]
+    top = int(windows.max()) if windows.numel() else 0
+    if rows and top >= rows:
+        raise ValueError(f"tokenizer: it produced token id {top} on the calibration text, but the model's input "
+                         f"embeddings have {rows} rows (ids 0..{rows - 1}); use the model's own tokenizer (tokenizer=None "
+                         "loads it from the model's path)")
+
+
 def resolve_tokenizer(config: Any, tokenizer: Any, model: Any) -> Any:
     """The tokenizer object: the argument, else ``config.tokenizer`` (object or name), else the model's path."""
     tok = tokenizer if tokenizer is not None else config.tokenizer
+    if isinstance(tok, os.PathLike):
+        tok = os.fspath(tok)
+    if tok is not None and not isinstance(tok, str) and not callable(tok):
+        raise ValueError(f"tokenizer: a {type(tok).__name__} ({tok!r:.40}) is not a tokenizer; allowed: None (the "
+                         "model's own), a tokenizer object (callable on text), or a model name/path")
     if tok is None:
         tok = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         if not tok:

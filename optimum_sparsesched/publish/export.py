@@ -27,20 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats.compact import compact_module_tensors
+from ..formats.compact import REQUIRES_PLUGIN_KEY, compact_module_tensors
+from ..formats.metadata import weights_metadata
 from ..pipeline.blocks import find_decoder_blocks
 from ..pipeline.offload import offloaded_tensors
 from ..pipeline.sources import BlockSource
 from .shards import ShardWriter
 
 
-def checkpoint_metadata(config: Any, compressed: bool | None = None) -> dict[str, str]:
-    """The safetensors ``__metadata__`` of the shards (as the quantizer's ``get_state_dict_and_metadata`` gives);
-    ``compressed``: whether the model is compressed (default: it has results)."""
-    compressed = config.results.compressed if compressed is None else compressed
-    if compressed and config.export_format == "compact":
-        return {"sparse_schedule_format": "compact"}
-    return {}
+def checkpoint_metadata(config: Any) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of the shards, as the quantizer's ``get_state_dict_and_metadata`` gives it
+    (:func:`.formats.metadata.weights_metadata` of a compressed model; call it once the results are filled)."""
+    return weights_metadata(config) if config.results.compressed else {}
 
 
 def encode_module(name: str, module: nn.Module, config: Any) -> dict[str, torch.Tensor] | None:
@@ -78,9 +76,10 @@ def block_part(prefix: str, block: nn.Module, modules: dict[str, nn.Module], con
     return state
 
 
-def rest_part(model: nn.Module) -> dict[str, torch.Tensor]:
+def rest_part(model: nn.Module, compact_stored: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of ``model.state_dict()`` outside the decoder blocks, offloaded ones read from their weights
-    maps, before :func:`finish_part`."""
+    maps, before :func:`finish_part`; with ``compact_stored`` (a block part held compact tensors) also the empty
+    :data:`.formats.compact.REQUIRES_PLUGIN_KEY` tensor, as :func:`.formats.compact.compact_state_dict` adds it."""
     blocks_name, _ = find_decoder_blocks(model)
     entries = offloaded_tensors(model)
     state = {}
@@ -92,7 +91,14 @@ def rest_part(model: nn.Module) -> dict[str, torch.Tensor]:
             entry = entries[(id(model.get_submodule(owner) if owner else model), attr)]
             value = entry.hook.weights_map[entry.name]
         state[key] = value.detach()
+    if compact_stored:
+        state[REQUIRES_PLUGIN_KEY] = torch.empty(0, dtype=torch.uint8)
     return state
+
+
+def holds_compact_tensors(part: dict[str, torch.Tensor]) -> bool:
+    """Whether a block part stores a module in the compact format."""
+    return any(k.endswith(".weight_mask") for k in part)
 
 
 def compressed_modules_of(model: nn.Module, prefix: str, config: Any) -> dict[str, nn.Module]:
@@ -133,12 +139,14 @@ def save_offloaded(model: Any, folder: str | os.PathLike, *args: Any, **kwargs: 
     try:
         blocks_name, blocks = find_decoder_blocks(model)
         source = BlockSource()
+        compact_stored = False
         for index, block in enumerate(blocks):
             prefix = f"{blocks_name}.{index}." if blocks_name else f"{index}."
             with source.visit(index, block, torch.device("cpu")):
-                writer.add(finish_part(model, block_part(prefix, block, compressed_modules_of(model, prefix, config),
-                                                         config)))
-        writer.add(finish_part(model, rest_part(model)))
+                part = block_part(prefix, block, compressed_modules_of(model, prefix, config), config)
+                compact_stored = compact_stored or holds_compact_tensors(part)
+                writer.add(finish_part(model, part))
+        writer.add(finish_part(model, rest_part(model, compact_stored)))
         writer.finish(total_parameters=model.num_parameters())
     except BaseException:
         writer.discard()

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import QUANT_METHOD, saved_config_dict
 from .model_card import CARD_FILE, card_for_folder
+from .staging import STAGING_PREFIX
 
 
 def check_repo_id(repo_id: Any) -> str:
@@ -80,4 +81,5 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: bool | str | 
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     return api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
                              commit_message=commit_message or "Upload model compressed with optimum-sparsesched",
-                             commit_description=commit_description)
+                             commit_description=commit_description,
+                             ignore_patterns=[f"{STAGING_PREFIX}*"])  # what a killed save may have left

@@ -1,36 +1,42 @@
-"""Model cards of compressed checkpoints: ``README.md`` and a plot of the schedule, written by ``save_pretrained``.
+"""Model cards of compressed checkpoints: ``README.md`` (and a plot of a non-uniform schedule), written by
+``save_pretrained``.
 
 The card is a huggingface_hub :class:`~huggingface_hub.ModelCard` built from the checkpoint's
-``SparseScheduleConfig`` (``config.json`` → ``quantization_config``):
+``SparseScheduleConfig`` (``config.json`` → ``quantization_config``), short enough to read:
 
 - metadata: ``base_model`` (the original hub id; a local path is left out), tags (``pruned``, ``sparse``,
   ``sparsegpt``, ``optimum-sparsesched``, ``int4``/``int8`` + ``gptq`` with ``bits``, the ``N:M`` pattern),
   ``library_name: transformers``, ``pipeline_tag: text-generation``, the calibration dataset when it is a hub
-  dataset, and the evaluations recorded with :func:`record_eval_result` as ``model-index`` entries;
-- body: a summary, the evaluation table, a plot of the per-block sparsity against the target
-  (``sparsity_schedule.png``, next to the README), one table row per decoder block (parameters, achieved sparsity,
-  the value of every module), how to load the checkpoint, and the exact config as JSON.
+  dataset, and the evaluations recorded with :func:`record_eval_result` / :func:`record_zero_shot` as
+  ``model-index`` entries;
+- body: a title from the model (``SmolLM2-135M-Instruct, 70% sparse``), what was done, where the weights came from
+  (``config.weights_source`` when the loader recorded it), the evaluation table with each figure's protocol, a
+  compact view of the schedule (one sentence for a uniform one; runs of blocks and a plot,
+  ``sparsity_schedule.png``, otherwise), how to load it; then, collapsed (``<details>``), the per-block and
+  per-module table and the options of the run as JSON (the per-module results are in ``config.json``).
 
-A ``README.md`` that this package did not write (no ``optimum-sparsesched`` tag) is never replaced.
+The card never shows a local path: paths among the options and the model's name are reduced to their last
+component. A ``README.md`` that this package did not write (no ``optimum-sparsesched`` tag) is never replaced.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
 
 from ..config import saved_config_dict
 from ..pipeline.plan import module_sizes
 from ..schedule.allocators import weighted_mean
 from ..version import __version__
+from .eval_results import (HUB_DATASET_IDS, eval_protocol, hub_eval_result, quantization_config_of,
+                           record_eval_result, record_zero_shot)
+from .schedule_view import BlockRow, block_rows, is_uniform, module_table, plot_schedule, schedule_view
 
 logger = logging.getLogger(__name__)
 
@@ -38,147 +44,10 @@ CARD_FILE = "README.md"
 PLOT_FILE = "sparsity_schedule.png"
 CARD_TAG = "optimum-sparsesched"
 BASE_TAGS = ("pruned", "sparse", "sparsegpt", CARD_TAG)
-#: calibration names of :mod:`.calibration` -> (hub dataset id, config)
-HUB_DATASET_IDS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"), "c4": ("allenai/c4", "en")}
-MAX_MODULE_COLUMNS = 12
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
-
-# ---------------------------------------------------------------------------------------------- eval results
-def _quantization_config(model_or_config: Any) -> Any:
-    config = getattr(getattr(model_or_config, "config", None), "quantization_config", model_or_config)
-    if getattr(config, "quant_method", None) != "sparse_schedule" or not hasattr(config, "results"):
-        raise ValueError("model: not compressed by optimum-sparsesched (its config has no sparse_schedule "
-                         "quantization_config); compress it first")
-    return config
-
-
-def record_eval_result(model: Any, value: float, *, dataset: str | os.PathLike, split: str | None = None,
-                       metric: str = "perplexity", seq_len: int | None = None,
-                       windows: int | None = None) -> dict[str, Any]:
-    """Record an evaluation of a compressed ``model`` (or its ``SparseScheduleConfig``) in
-    ``quantization_config.results.eval_results``; it is saved in ``config.json`` and shown in the model card (``model-index``).
-
-    ``dataset`` is a hub dataset name or a file; a path is recorded by its file name only (a card never shows
-    local paths). A result with the same metric, dataset, split, ``seq_len`` and ``windows`` replaces the earlier one.
-    Returns the recorded entry ``{"metric", "value", "dataset", "split", "seq_len"[, "windows"]}``.
-    """
-    config = _quantization_config(model)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"value: {value!r} is not valid; allowed: a finite number")
-    if not isinstance(dataset, (str, os.PathLike)) or not str(dataset).strip():
-        raise ValueError(f"dataset: {dataset!r} is not valid; allowed: a hub dataset name or a file path")
-    if not isinstance(metric, str) or not metric.strip():
-        raise ValueError(f"metric: {metric!r} is not valid; allowed: a non-empty name such as 'perplexity'")
-    for name, v in (("seq_len", seq_len), ("windows", windows)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ValueError(f"{name}: {v!r} is not valid; allowed: None or a positive integer")
-    name = str(dataset)
-    if isinstance(dataset, os.PathLike) or os.path.exists(name):
-        name = Path(name).name
-    entry: dict[str, Any] = {"metric": metric, "value": float(value), "dataset": name, "split": split,
-                             "seq_len": seq_len}
-    if windows is not None:
-        entry["windows"] = windows
-    key = {k: v for k, v in entry.items() if k != "value"}
-    results = config.results
-    results.eval_results = [r for r in results.eval_results
-                            if {k: r.get(k) for k in key} != {k: v for k, v in key.items()}] + [entry]
-    return entry
-
-
-def _eval_result(entry: Mapping[str, Any]) -> EvalResult:
-    hub = HUB_DATASET_IDS.get(entry["dataset"])
-    args = {k: entry[k] for k in ("seq_len", "windows") if entry.get(k) is not None}
-    return EvalResult(task_type="text-generation", dataset_type=hub[0] if hub else entry["dataset"],
-                      dataset_name=entry["dataset"], dataset_config=hub[1] if hub else None,
-                      dataset_split=entry.get("split"), metric_type=entry["metric"], metric_value=entry["value"],
-                      metric_args=args or None)
-
-
-# ---------------------------------------------------------------------------------------------- per-block table
-@dataclass
-class BlockRow:
-    """The compressed modules of one decoder block (``index`` None: modules outside the numbered blocks)."""
-
-    index: int | None
-    params: int | None
-    sparsity: float
-    modules: dict[str, float] = field(default_factory=dict)
-
-
-def block_rows(layer_sparsities: Mapping[str, float], sizes: Mapping[str, int] | None = None) -> list[BlockRow]:
-    """Group ``{module name: sparsity}`` by decoder block (the first numeric component of the name:
-    ``model.layers.3.mlp.up_proj`` -> block 3, module ``mlp.up_proj``), modules in the order of ``sizes`` (the
-    model's order; config.json sorts its keys). A block's sparsity is parameter-weighted when every size is known,
-    else the plain mean."""
-    groups: dict[int | None, dict[str, str]] = {}
-    order = {n: k for k, n in enumerate(sizes or ())}
-    for name in sorted(layer_sparsities, key=lambda n: order.get(n, len(order))):
-        match = _BLOCK.match(name)
-        index, short = (int(match.group(2)), match.group(3)) if match else (None, name)
-        groups.setdefault(index, {})[short] = name
-    rows = []
-    for index in sorted(groups, key=lambda i: (i is None, i or 0)):
-        names = groups[index]
-        values = {short: float(layer_sparsities[n]) for short, n in names.items()}
-        known = sizes is not None and all(n in sizes for n in names.values())
-        params = sum(sizes[n] for n in names.values()) if known else None
-        mean = (sum(sizes[n] * layer_sparsities[n] for n in names.values()) / params if known and params
-                else sum(values.values()) / len(values))
-        rows.append(BlockRow(index, params, float(mean), values))
-    return rows
-
-
-def _table(rows: list[BlockRow]) -> str:
-    columns = list(dict.fromkeys(short for row in rows if row.index is not None for short in row.modules))
-    per_module = 0 < len(columns) <= MAX_MODULE_COLUMNS
-    head = ["block", "parameters", "sparsity"] + ([f"`{c}`" for c in columns] if per_module else ["modules"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = ["other" if row.index is None else str(row.index),
-                 f"{row.params:,}" if row.params is not None else "–", f"{row.sparsity:.3f}"]
-        if per_module and row.index is not None:
-            cells += [f"{row.modules[c]:.3f}" if c in row.modules else "–" for c in columns]
-        else:
-            text = ", ".join(f"`{k}` {v:.3f}" for k, v in row.modules.items())
-            cells += [text] + ["" for _ in columns[1:]] if per_module else [text]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_schedule(rows: list[BlockRow], target: float, path: str | os.PathLike, *,
-                  sparsity_range: Iterable[float] | None = None, title: str = "") -> bool:
-    """Bar chart of the achieved sparsity per block with the target as a dashed line (and the schedule's range as
-    dotted lines), saved as PNG with matplotlib's Agg canvas (no global pyplot state). False when matplotlib is
-    not installed (the card then has no plot)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        logger.warning("matplotlib is not installed: the model card has no schedule plot "
-                       "(pip install 'optimum-sparsesched[hub]')")
-        return False
-    blocks = [r for r in rows if r.index is not None]
-    fig = Figure(figsize=(7, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.bar([r.index for r in blocks], [r.sparsity for r in blocks], color="#4c72b0", label="achieved")
-    ax.axhline(target, color="#c44e52", linestyle="--", linewidth=1.5, label=f"target {target:g}")
-    if sparsity_range is not None:
-        for k, bound in enumerate(sparsity_range):
-            ax.axhline(bound, color="grey", linestyle=":", linewidth=1, label="range" if k == 0 else None)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("sparsity")
-    ax.set_ylim(0, 1.1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", ncol=3, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", metadata={"Software": None})
-    return True
+__all__ = ["record_eval_result", "record_zero_shot", "block_rows", "plot_schedule", "build_model_card",
+           "card_for_model", "card_for_folder", "write_model_card", "BlockRow"]
 
 
 # ---------------------------------------------------------------------------------------------- the card
@@ -216,6 +85,24 @@ def _config_dicts(quantization_config: Any) -> tuple[dict[str, Any], dict[str, A
     return saved, {**saved, **(saved.get("results") or {})}
 
 
+def _no_path(value: Any) -> Any:
+    """A string that names a local file or folder -> its last component (recursively in lists and dicts)."""
+    if isinstance(value, str) and value and (os.path.isabs(value) or os.path.exists(value) or os.sep in value
+                                             and not _HUB_ID.fullmatch(value)):
+        return Path(value).name
+    if isinstance(value, list):
+        return [_no_path(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _no_path(v) for k, v in value.items()}
+    return value
+
+
+def card_options(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of the run as the card shows them: without the per-module results (``config.json`` has them)
+    and without local paths."""
+    return {k: _no_path(v) for k, v in saved.items() if k != "results"}
+
+
 def _tags(qc: Mapping[str, Any], extra: Iterable[str]) -> list[str]:
     tags = list(BASE_TAGS)
     if qc.get("bits"):
@@ -225,33 +112,61 @@ def _tags(qc: Mapping[str, Any], extra: Iterable[str]) -> list[str]:
     return list(dict.fromkeys([*tags, *extra]))
 
 
-def _summary(qc: Mapping[str, Any], achieved: float, base_model: str | None) -> str:
-    what = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A model"
+def model_label(name_or_path: str | os.PathLike | None, base_model: str | None = None) -> str | None:
+    """A short name of the model for the title: the base model's repo name, else the last component of its
+    name or path (never a whole local path)."""
+    if base_model:
+        return base_model.split("/")[-1]
+    return Path(os.fspath(name_or_path)).name or None if name_or_path else None
+
+
+def _title(label: str | None, qc: Mapping[str, Any], achieved: float) -> str:
+    what = f"{achieved:.0%} sparse" + (f" ({qc['pattern']})" if qc.get("pattern") else "")
+    if qc.get("bits"):
+        what += f" + INT{qc['bits']}"
+    return f"# {label or 'Model'}, {what}"
+
+
+def _summary(qc: Mapping[str, Any], achieved: float, base_model: str | None, weights_source: str | None) -> str:
     pattern = f"the {qc['pattern']} pattern" if qc.get("pattern") else "unstructured"
-    text = (f"{what} pruned with SparseGPT to **{achieved:.1%}** sparsity ({pattern}, target "
-            f"{qc.get('sparsity')}) with the `{qc.get('schedule')}` layer-wise sparsity schedule")
+    text = (f"Pruned with SparseGPT to **{achieved:.1%}** sparsity ({pattern}, target {qc.get('sparsity')}) with the "
+            f"`{qc.get('schedule')}` layer-wise sparsity schedule")
     if qc.get("bits"):
         grid = "per output channel" if qc.get("group_size") == -1 else f"group size {qc.get('group_size')}"
         text += (f", its kept weights GPTQ-quantized to INT{qc['bits']} ({grid}, "
                  f"{'symmetric' if qc.get('sym') else 'asymmetric'} grid) in the same pass")
     dataset = qc.get("dataset")
     text += (f". Calibration: {qc.get('num_samples')} windows of {qc.get('seq_len')} tokens from "
-             f"`{Path(str(dataset)).name if dataset not in HUB_DATASET_IDS else dataset}`")
-    if qc.get("resolved_range"):
-        lo, hi = qc["resolved_range"]
-        text += f"; per-layer sparsities in [{lo:.3f}, {hi:.3f}]"
-    return text + "."
+             f"`{_no_path(str(dataset)) if dataset not in HUB_DATASET_IDS else dataset}`. "
+             f"Made with optimum-sparsesched {__version__}.")
+    if weights_source:
+        source = f"**Weights:** {weights_source}."
+    elif base_model:
+        source = f"**Weights:** [{base_model}](https://huggingface.co/{base_model}) from the Hugging Face Hub."
+    else:
+        source = "**Weights:** a local checkpoint."
+    return text + "\n\n" + source
+
+
+def _evaluation(entries: list[Mapping[str, Any]]) -> str:
+    table = ["| metric | value | dataset | split | protocol |", "|---|---|---|---|---|"]
+    for r in entries:
+        value = f"{r['value']:.4f}" if r["metric"].startswith("acc") else f"{r['value']:.2f}"
+        table.append(f"| {r['metric']} | {value} | `{r['dataset']}` | {r.get('split') or '–'} | {eval_protocol(r)} |")
+    return "\n".join(table)
 
 
 def build_model_card(quantization_config: Any, *, sizes: Mapping[str, int] | None = None,
                      base_model: str | None = None, model_name: str | None = None, repo_id: str | None = None,
-                     plot_file: str | None = PLOT_FILE, extra_tags: Iterable[str] = ()) -> ModelCard:
+                     plot_file: str | None = PLOT_FILE, extra_tags: Iterable[str] = (),
+                     name_or_path: str | None = None, weights_source: str | None = None) -> ModelCard:
     """The card of a compressed checkpoint from its ``SparseScheduleConfig`` (or its ``to_dict()``).
 
     ``sizes``: parameters per compressed module (weighted block sparsities and the parameter column);
-    ``base_model``: hub id of the original model; ``model_name``: name in ``model-index`` and the title (default:
-    the repo name); ``repo_id``: used in the loading snippet; ``plot_file``: the schedule plot next to the README
-    (None: no plot).
+    ``base_model``: hub id of the original model; ``model_name``: name in ``model-index`` (default: the repo
+    name); ``repo_id``: used in the loading snippet; ``plot_file``: the schedule plot next to the README (None: no
+    plot); ``name_or_path``: the model's name or path (the title uses its last component when there is no base
+    model); ``weights_source``: where the weights came from, in words (``model.config.weights_source``).
     """
     saved, qc = _config_dicts(quantization_config)
     sparsities = qc.get("layer_sparsities") or {}
@@ -260,27 +175,22 @@ def build_model_card(quantization_config: Any, *, sizes: Mapping[str, int] | Non
     rows = block_rows(sparsities, sizes)
     known = sizes is not None and all(n in sizes for n in sparsities)
     achieved = weighted_mean(sparsities, sizes) if known else sum(sparsities.values()) / len(sparsities)
+    label = model_label(name_or_path, base_model)
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else None) or (
-        f"{base_model.split('/')[-1]}-sparse" if base_model else "sparse-schedule-model")
+        f"{label}-sparse" if label else "sparse-schedule-model")
     dataset = qc.get("dataset")
-    evals = [_eval_result(r) for r in qc.get("eval_results") or []]
+    entries = list(qc.get("eval_results") or [])
+    evals = [hub_eval_result(r) for r in entries]
     data = ModelCardData(base_model=base_model, tags=_tags(qc, extra_tags), library_name="transformers",
                          pipeline_tag="text-generation",
                          datasets=[HUB_DATASET_IDS[dataset][0]] if dataset in HUB_DATASET_IDS else None,
                          model_name=model_name, eval_results=evals or None)
-    parts = [f"# {model_name}", _summary(qc, achieved, base_model),
-             f"Made with optimum-sparsesched {__version__} (SparseGPT with layer-wise sparsity schedules)."]
-    if evals:
-        table = ["| metric | value | dataset | split | sequence length | windows |", "|---|---|---|---|---|---|"]
-        for r in qc["eval_results"]:
-            table.append(f"| {r['metric']} | {r['value']:.3f} | `{r['dataset']}` | {r.get('split') or '–'} | "
-                         f"{r.get('seq_len') or '–'} | {r.get('windows') or 'all'} |")
-        parts += ["## Evaluation", "\n".join(table)]
-    parts.append("## Sparsity per layer")
+    parts = [_title(label, qc, achieved), _summary(qc, achieved, base_model, weights_source)]
+    if entries:
+        parts += ["## Evaluation", _evaluation(entries)]
+    parts += ["## Schedule", schedule_view(rows, qc.get("resolved_range"))]
     if plot_file:
         parts.append(f"![Achieved sparsity per decoder block against the target]({plot_file})")
-    parts += [f"Achieved over all compressed weights: **{achieved:.4f}** ({len(sparsities)} modules"
-              + (f", {sum(sizes[n] for n in sparsities):,} parameters" if known else "") + ").", _table(rows)]
     where = repo_id or "path/to/this/checkpoint"
     parts += ["## How to use", "The weights load with plain transformers once the quantization method is registered "
               "(no calibration runs on load):",
@@ -288,23 +198,31 @@ def build_model_card(quantization_config: Any, *, sizes: Mapping[str, int] | Non
               "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
               f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
               f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n```',
-              "## Compression config", "The `quantization_config` of `config.json`, exactly:",
-              "```json\n" + json.dumps(saved, indent=2, sort_keys=True, default=str) + "\n```"]
+              "## Details",
+              f"<details>\n<summary>Sparsity per decoder block and module ({len(sparsities)} modules"
+              + (f", {sum(sizes[n] for n in sparsities):,} parameters" if known else "")
+              + f"; {achieved:.4f} over all)</summary>\n\n{module_table(rows)}\n\n</details>",
+              "<details>\n<summary>Options of the run (the per-module results are in <code>config.json</code> under "
+              "<code>quantization_config.results</code>)</summary>\n\n```json\n"
+              + json.dumps(card_options(saved), indent=2, sort_keys=True, default=str) + "\n```\n\n</details>"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
 
 
 def write_model_card(folder: str | os.PathLike, quantization_config: Any, *, sizes: Mapping[str, int] | None = None,
                      base_model: str | None = None, model_name: str | None = None, repo_id: str | None = None,
-                     extra_tags: Iterable[str] = ()) -> ModelCard:
-    """Write ``README.md`` and ``sparsity_schedule.png`` into ``folder``; returns the card."""
+                     extra_tags: Iterable[str] = (), name_or_path: str | None = None,
+                     weights_source: str | None = None) -> ModelCard:
+    """Write ``README.md`` (and ``sparsity_schedule.png`` for a non-uniform schedule) into ``folder``; returns the
+    card."""
     folder = Path(folder)
     saved, qc = _config_dicts(quantization_config)
     rows = block_rows(qc.get("layer_sparsities") or {}, sizes)
     title = f"{qc.get('schedule')} schedule, target {qc.get('sparsity')}"
-    plotted = bool(rows) and plot_schedule(rows, float(qc.get("sparsity", 0.0)), folder / PLOT_FILE,
-                                           sparsity_range=qc.get("resolved_range"), title=title)
+    plotted = bool(rows) and not is_uniform(rows) and plot_schedule(
+        rows, float(qc.get("sparsity", 0.0)), folder / PLOT_FILE, sparsity_range=qc.get("resolved_range"), title=title)
     card = build_model_card(saved, sizes=sizes, base_model=base_model, model_name=model_name, repo_id=repo_id,
-                            plot_file=PLOT_FILE if plotted else None, extra_tags=extra_tags)
+                            plot_file=PLOT_FILE if plotted else None, extra_tags=extra_tags,
+                            name_or_path=name_or_path, weights_source=weights_source)
     card.save(folder / CARD_FILE)
     return card
 
@@ -313,13 +231,15 @@ def card_for_model(model: Any, folder: str | os.PathLike, *, model_name: str | N
                    repo_id: str | None = None, extra_tags: Iterable[str] = ()) -> ModelCard | None:
     """Write the card of a compressed model (in memory) into ``folder``; None (no card) when nothing was
     compressed."""
-    config = _quantization_config(model)
+    config = quantization_config_of(model)
     if not config.results.compressed:
         return None
+    model_config = getattr(model, "config", None)
+    name_or_path = getattr(model_config, "name_or_path", None) or getattr(model, "name_or_path", None)
     return write_model_card(folder, config, sizes=module_sizes(model, config.results.layer_sparsities),
-                            base_model=base_model_id(getattr(getattr(model, "config", None), "name_or_path", None)
-                                                     or getattr(model, "name_or_path", None)), model_name=model_name,
-                            repo_id=repo_id, extra_tags=list(getattr(model, "model_tags", None) or []) + list(extra_tags))
+                            base_model=base_model_id(name_or_path), model_name=model_name, repo_id=repo_id,
+                            extra_tags=list(getattr(model, "model_tags", None) or []) + list(extra_tags),
+                            name_or_path=name_or_path, weights_source=getattr(model_config, "weights_source", None))
 
 
 def card_for_folder(folder: str | os.PathLike, *, repo_id: str | None = None) -> ModelCard:
@@ -339,5 +259,7 @@ def card_for_folder(folder: str | os.PathLike, *, repo_id: str | None = None) ->
             sizes = module_sizes(AutoModelForCausalLM.from_config(arch), qc.get("layer_sparsities") or {})
     except Exception as exc:  # an architecture transformers cannot build: the card goes without sizes
         logger.warning("model card without parameter counts: %s", exc)
+    name_or_path = config.get("_name_or_path") or config.get("model_type")
     return write_model_card(folder, saved, sizes=sizes, base_model=base_model_id(config.get("_name_or_path")),
-                            model_name=repo_id.split("/")[-1] if repo_id else folder.name, repo_id=repo_id)
+                            model_name=repo_id.split("/")[-1] if repo_id else folder.name, repo_id=repo_id,
+                            name_or_path=name_or_path, weights_source=config.get("weights_source"))

@@ -1,13 +1,14 @@
-"""Saving a compressed model without ever leaving a half-written folder, with its model card.
+"""Saving a compressed model into a folder the user owns, with its model card, never losing or mixing anything.
 
-``save_pretrained`` of a compressed model (installed on the instance by :func:`install_save`) writes the
-whole checkpoint into a sibling temporary folder, then swaps it in with renames: the old folder is moved aside,
-the new one renamed into place, the old one deleted. If anything fails before the swap, the temporary folder is
-removed and the old folder is exactly as it was. The model card (``README.md`` and ``sparsity_schedule.png``, see
-:mod:`.model_card`) is written into the temporary folder too. Files of the old folder that the new checkpoint does
-not write (a license, notes, a README that this package did not write, ...) are carried over, except stale weight
-files. Under torch.distributed only rank 0 writes. A model whose weights accelerate offloaded is written block by
-block (:func:`.export.save_offloaded`) instead of by transformers, which would gather whole shards in memory.
+``save_pretrained`` of a compressed model (installed on the instance by :func:`install_save`) lets transformers write
+the checkpoint into a private staging folder inside the target, adds the model card (``README.md`` and
+``sparsity_schedule.png``, see :mod:`.model_card`) unless the folder holds a README you wrote, and swaps the files
+in one by one, ``config.json`` last (:func:`.staging.staged_folder`): only the files this save writes are replaced,
+stale weight files of an earlier save of ours are removed, everything else in the folder (``.git/``, subfolders,
+your files, tokenizer files) stays as it was, and a failure before the swap leaves the folder untouched. A save
+into (or around) the run's ``checkpoint_dir`` is refused: the resume state would be mixed into the published
+checkpoint. Under torch.distributed only rank 0 writes. A model whose weights accelerate offloaded is written block
+by block (:func:`.export.save_offloaded`) instead of by transformers, which would gather whole shards in memory.
 
 ``save_pretrained(..., push_to_hub=True)`` saves the same way, then uploads the folder with
 :func:`optimum_sparsesched.push_to_hub` (repo named after the folder unless ``repo_id`` is given), and
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,15 +30,14 @@ from ..pipeline.offload import has_offloaded_weights
 from .export import save_offloaded
 from .hub import check_repo_id, push_to_hub
 from .model_card import CARD_FILE, card_for_model, is_own_card
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+from .staging import staged_folder
 #: ``save_pretrained(push_to_hub=True, ...)`` keywords that go to the upload, not to the save
 HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "token", "private", "revision")
 
 
 def atomic_save_pretrained(model: Any, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-    """``type(model).save_pretrained`` and the model card into a temporary sibling folder, then rename it to
-    ``save_directory``; with ``push_to_hub=True`` then upload the folder."""
+    """``type(model).save_pretrained`` and the model card into a staging folder, then swapped into
+    ``save_directory`` file by file (:func:`.staging.staged_folder`); with ``push_to_hub=True`` then upload it."""
     if not is_main_process():
         return None  # rank 0 writes the checkpoint
     if kwargs.pop("push_to_hub", False):
@@ -52,36 +50,38 @@ def atomic_save_pretrained(model: Any, save_directory: str | os.PathLike, *args:
     return _save(model, Path(save_directory), args, kwargs)
 
 
+def check_apart_from_checkpoint_dir(model: Any, target: Path) -> None:
+    """Refuse a save folder that is the run's ``checkpoint_dir``, inside it or around it."""
+    check_folders_apart(getattr(getattr(model.config, "quantization_config", None), "checkpoint_dir", None), target)
+
+
+def check_folders_apart(checkpoint_dir: Any, target: Path) -> None:
+    """Refuse a save folder ``target`` that is ``checkpoint_dir``, inside it or around it (ValueError)."""
+    if not isinstance(checkpoint_dir, (str, os.PathLike)) or not str(checkpoint_dir):
+        return
+    save, resume = Path(os.path.realpath(target)), Path(os.path.realpath(checkpoint_dir))
+    if save == resume or resume in save.parents or save in resume.parents:
+        raise ValueError(
+            f"save_directory: {str(target)!r} overlaps checkpoint_dir={str(checkpoint_dir)!r} of this run (the same "
+            "folder, or one inside the other): the resume state (block files, manifest) would be mixed into the saved "
+            "checkpoint and uploaded with it, and deleting the resume state would delete the model. Save into a "
+            "folder apart from checkpoint_dir; the model in memory is unchanged.")
+
+
 def _save(model: Any, target: Path, args: tuple, kwargs: dict, repo_id: str | None = None,
           extra_tags: Iterable[str] = ()) -> Any:
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"save_directory: {str(target)!r} is a file, not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    check_apart_from_checkpoint_dir(model, target)
+    with staged_folder(target) as staging:
         if has_offloaded_weights(model):  # weights offloaded by accelerate: written block by block (.export)
-            result = save_offloaded(model, tmp, *args, **kwargs)
+            result = save_offloaded(model, staging, *args, **kwargs)
         else:
-            result = type(model).save_pretrained(model, tmp, *args, **kwargs)
+            result = type(model).save_pretrained(model, staging, *args, **kwargs)
         config = getattr(model.config, "quantization_config", None)
         if getattr(config, "export_format", None) == "compressed-tensors":
-            rewrite_config_json(tmp, model, config)
+            rewrite_config_json(staging, model, config)
         if not (target / CARD_FILE).is_file() or is_own_card(target / CARD_FILE):  # a user's README is kept
-            card_for_model(model, tmp, model_name=repo_id.split("/")[-1] if repo_id else target.name,
+            card_for_model(model, staging, model_name=repo_id.split("/")[-1] if repo_id else target.name,
                            repo_id=repo_id, extra_tags=extra_tags)
-        if target.exists():
-            for old in target.iterdir():
-                if old.is_file() and not (tmp / old.name).exists() and not old.name.endswith(WEIGHT_SUFFIXES):
-                    shutil.copy2(old, tmp / old.name)
-            aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, aside)
-            os.replace(tmp, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 

@@ -8,8 +8,10 @@ block in memory, whatever the shard size. The files are the safetensors format, 
   name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, ...}``, padded with spaces so the data
   starts at a multiple of 8; then the tensors' bytes back to back (little-endian, row-major, no gaps).
 - As in safetensors' own writer, tensors are laid out by decreasing element size (8, 4, 2, 1 bytes) so every
-  tensor starts aligned to its element size: while a shard is open its tensors go to one temporary file per
-  element size, concatenated behind the header when the shard closes.
+  tensor starts aligned to its element size: a shard's tensors go to one temporary file per element size, and
+  :meth:`ShardWriter.finish` writes each shard's header (with the metadata known by then: the streaming path only
+  knows the run's results digest when every block is done) and concatenates its parts behind it, one shard at a
+  time (the extra disk space is one shard).
 
 Shards fill up to ``max_shard_size`` bytes (a tensor larger than that gets a shard of its own) and are named as
 transformers names them when :meth:`ShardWriter.finish` knows their number: ``model.safetensors`` for one,
@@ -70,10 +72,13 @@ class _OpenShard:
         self.entries[name] = (dtype, list(tensor.shape), t.element_size(), start, f.tell())
         self.bytes += f.tell() - start
 
-    def close(self, metadata: dict[str, str]) -> None:
-        """Write the header and the tensors' bytes into ``self.path``; remove the temporary parts."""
+    def close(self) -> None:
+        """No more tensors: close the temporary parts (the shard is assembled by :meth:`assemble`)."""
         for f in self.parts.values():
             f.close()
+
+    def assemble(self, metadata: dict[str, str]) -> None:
+        """Write the header and the tensors' bytes into ``self.path``; remove the temporary parts."""
         base, header = {}, {"__metadata__": metadata}
         offset = 0
         for size in ELEMENT_SIZES:
@@ -132,17 +137,22 @@ class ShardWriter:
 
     def _close_current(self) -> None:
         assert self.current is not None
-        self.current.close(self.metadata)
+        self.current.close()
         self.closed.append(self.current)
         self.current = None
 
-    def finish(self, total_parameters: int | None = None) -> list[str]:
-        """Close the last shard, give every shard its final name (and write the index when there are several).
-        Returns the file names written, the index last."""
+    def finish(self, total_parameters: int | None = None, metadata: dict[str, str] | None = None) -> list[str]:
+        """Close the last shard, assemble every shard with its header (``metadata``, when given, replaces the
+        constructor's ``__metadata__``; ``"format": "pt"`` is always included), give every shard its final name (and
+        write the index when there are several). Returns the file names written, the index last."""
         if self.current is not None or not self.closed:
             if self.current is None:
                 self.current = _OpenShard(self.folder, 1)
             self._close_current()
+        if metadata is not None:
+            self.metadata = {**metadata, "format": "pt"}
+        for shard in self.closed:
+            shard.assemble(self.metadata)
         count = len(self.closed)
         names = [SAFE_WEIGHTS_NAME] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
                                                        for i in range(1, count + 1)]
@@ -165,6 +175,7 @@ class ShardWriter:
             self.current.discard()
             self.current = None
         for shard in self.closed:
+            shard.discard()
             if shard.path.exists():
                 os.remove(shard.path)
         self.closed = []

@@ -26,11 +26,13 @@ RAMP_DEFAULT_HALF_WIDTH = 0.1
 @dataclass
 class Allocation:
     """Per-module target sparsities, the per-module error estimates they were allocated from (empty when the
-    schedule estimates none) and the sparsity range used (``None`` when the schedule has none)."""
+    schedule estimates none), the sparsity range used (``None`` when the schedule has none) and what the allocation
+    search did (:mod:`.search`; ``None`` without it)."""
 
     targets: dict[str, float]
     estimates: dict[str, float]
     resolved_range: list[float] | None = None
+    search: dict[str, Any] | None = None
 
 
 def needs_statistics(config: Any) -> bool:
@@ -41,6 +43,28 @@ def needs_statistics(config: Any) -> bool:
 def measures_damage(config: Any) -> bool:
     """Whether that pass also measures each block's end-to-end damage (the KL streams)."""
     return needs_statistics(config) and config.schedule == "hessian" and config.error_metric != "obs"
+
+
+def target_index(stats: LayerStatistics, sparsity: float) -> int:
+    """The index of ``sparsity`` on the statistics' sparsity grid."""
+    return int(round(sparsity * (len(stats.grid) - 1)))
+
+
+def damage_curves(plan: CompressionPlan, config: Any, stats: LayerStatistics) -> dict[int, Any]:
+    """The ``hessian`` schedule's damage curve ``D_b(s)`` of every block ``b`` with compressed modules, on
+    ``stats.grid``: ``P_b · L_b(s)`` with ``P_b = D_b / L_b(target)`` (``error_metric="kl-alone"``), or the local
+    OBS curve ``L_b`` itself (``"obs"``)."""
+    t = target_index(stats, config.sparsity)
+    curves = {}
+    for i, group in enumerate(plan.modules):
+        if group:
+            local = sum(stats.curves[n] for n in group)
+            if config.error_metric == "obs":
+                curves[i] = local
+            else:
+                assert stats.block_damage is not None
+                curves[i] = stats.block_damage[i] / max(float(local[t]), 1e-30) * local
+    return curves
 
 
 def allocate_sparsities(plan: CompressionPlan, config: Any, stats: LayerStatistics | None) -> Allocation:
@@ -65,15 +89,9 @@ def allocate_sparsities(plan: CompressionPlan, config: Any, stats: LayerStatisti
         lam = (manual[1] - manual[0]) / 2 if manual else config.owl_lambda
         return Allocation(per_module(owl_schedule(ratios, layer_sizes, s, lam)), per_module(ratios))
     # hessian
-    t = int(round(s * (len(stats.grid) - 1)))
+    t = target_index(stats, s)
     local = {layer: sum(stats.curves[n] for n in names) for layer, names in layers.items()}
-    curves = dict(local)
-    if config.error_metric != "obs":
-        assert stats.block_damage is not None
-        for i, group in enumerate(plan.modules):
-            if group:
-                layer = f"block.{i}"
-                curves[layer] = stats.block_damage[i] / max(float(local[layer][t]), 1e-30) * local[layer]
+    curves = {f"block.{i}": c for i, c in damage_curves(plan, config, stats).items()}
     errors = {layer: max(float(c[t]), 1e-30) for layer, c in curves.items()}
     estimates = {n: errors[layer] * float(stats.curves[n][t]) / (float(local[layer][t]) or 1.0)
                  for layer, names in layers.items() for n in names}

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..obs.inverse import InverseHessian
 from ..obs.prune import prune
@@ -102,6 +103,8 @@ class LayerStatistics:
     curves: dict[str, torch.Tensor] = field(default_factory=dict)
     owl_ratio_block: list[float] = field(default_factory=list)
     block_damage: list[float] | None = None
+    #: when kept: the probe windows' dense inputs of every block, and the last block's outputs (``[L + 1][p]``)
+    dense_inputs: list[list[torch.Tensor]] | None = None
 
 
 @torch.no_grad()
@@ -136,29 +139,35 @@ def _in_module_layout(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs,
                              probe_windows: torch.Tensor, config: Any, device: torch.device,
-                             measure_damage: bool, source: BlockSource | None = None) -> LayerStatistics:
+                             measure_damage: bool, source: BlockSource | None = None,
+                             keep_dense: bool = False) -> LayerStatistics:
     """Dense pass over the blocks on the probe windows ``[p, seq_len]`` (``inputs.hidden[:p]`` are their block-0
     inputs): local loss curves, OWL ratios and, with ``measure_damage``, the end-to-end damage ``D_b`` of pruning
     block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``. Blocks are visited through
-    ``source`` (default: a fresh :class:`.BlockSource`), which reads offloaded weights once per block."""
+    ``source`` (default: a fresh :class:`.BlockSource`), which reads offloaded weights once per block. With
+    ``keep_dense`` the dense inputs of every block are kept (for :mod:`.search`)."""
     source = source or BlockSource()
     offloaded = is_offloaded(plan.blocks)
     try:
         with TensorLists(spill=measure_damage and offloaded) as streams:
-            return _measure(model, plan, inputs, probe_windows, config, device, measure_damage, source, streams)
+            return _measure(model, plan, inputs, probe_windows, config, device, measure_damage, source, streams,
+                            keep_dense)
     finally:
         if offloaded:
             release_free_memory()
 
 
 def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe_windows: torch.Tensor, config: Any,
-             device: torch.device, measure_damage: bool, source: BlockSource, streams: TensorLists) -> LayerStatistics:
+             device: torch.device, measure_damage: bool, source: BlockSource, streams: TensorLists,
+             keep_dense: bool) -> LayerStatistics:
     grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
     stats = LayerStatistics(grid=grid)
     dense = [h.clone() for h in inputs.hidden[: len(probe_windows)]]
+    if keep_dense:
+        stats.dense_inputs = [dense]
     # streams[b]: the probe windows with block b pruned, at the current depth
     alone = PruneSpec(config.sparsity, block_size=config.block_size, damp=config.damp)  # unstructured, unquantized
-    for index, block in enumerate(plan.blocks):
+    for index, block in enumerate(tqdm(plan.blocks, desc="schedule: measure", unit="block")):
         with source.visit(index, block, device) as on:
             modules = plan.modules[index]
             args, kwargs = inputs.args[index], inputs.kwargs[index]
@@ -190,6 +199,8 @@ def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe
                         m.weight.data = dense_weights[name]
                 del pruned, dense_weights
             dense = dense_out
+            if keep_dense:
+                stats.dense_inputs.append(dense)
     if measure_damage:
         stats.block_damage = _stream_damage(model, probe_windows, dense, streams, inputs.returns_tuple, device)
     return stats
@@ -200,7 +211,7 @@ def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) 
     damage = [0.0] * len(streams)
     _, blocks = find_decoder_blocks(model)
     with head_and_embeddings_on(model, device):
-        for w in range(len(windows)):
+        for w in tqdm(range(len(windows)), desc="schedule: KL damage", unit="window"):
             ids = windows[w].unsqueeze(0).to(device)
             ref = torch.log_softmax(logits_from_last_hidden(model, blocks, ids, dense_final[w].to(device), returns_tuple)
                                     .float(), dim=-1)

@@ -34,3 +34,49 @@ def test_dataset_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt"):
         load_texts(str(tmp_path / "empty"))
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Fail the test if the model is run (errors about the data must come before)."""
+    import optimum_sparsesched.sequential as sequential
+
+    def started(*args, **kwargs):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(sequential, "capture_block_inputs", started)
+
+
+def test_a_non_utf8_file_is_named(tmp_path, tokenizer, no_model_work):
+    from conftest import tiny_model
+    from optimum_sparsesched import SparseScheduleConfig, compress
+
+    (tmp_path / "a.txt").write_text(CALIBRATION_TEXT.read_text())
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
+    with pytest.raises(ValueError, match=r"dataset: '.*latin1.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        load_texts(tmp_path)
+    with pytest.raises(ValueError, match="dataset: .*latin1.txt.* is not UTF-8"):
+        compress(tiny_model("llama"), SparseScheduleConfig(dataset=tmp_path, seq_len=64, num_samples=2),
+                 tokenizer=tokenizer)
+
+
+def test_a_pathlib_dataset_calibrates_like_its_string(tokenizer):
+    assert torch.equal(calibration_windows(CALIBRATION_TEXT, tokenizer, 4, 32, seed=0),
+                       calibration_windows(str(CALIBRATION_TEXT), tokenizer, 4, 32, seed=0))
+
+
+def test_a_tokenizer_of_another_vocabulary_is_refused_before_work(tokenizer, no_model_work):
+    from conftest import SMALL, tiny_model
+    from optimum_sparsesched import SparseScheduleConfig, compress
+
+    model = tiny_model("llama", vocab_size=100)  # the test tokenizer has 512 ids
+    with pytest.raises(ValueError, match=r"tokenizer: it produced token id \d+ .* input embeddings have 100 rows"):
+        compress(model, SparseScheduleConfig(**SMALL), tokenizer=tokenizer)
+
+
+def test_a_tokenizer_argument_that_is_not_a_tokenizer_is_named(no_model_work):
+    from conftest import SMALL, tiny_model
+    from optimum_sparsesched import SparseScheduleConfig, compress
+
+    with pytest.raises(ValueError, match="tokenizer: a int"):
+        compress(tiny_model("llama"), SparseScheduleConfig(**SMALL), tokenizer=123)

@@ -139,3 +139,20 @@ def test_spilled_tensor_lists_round_trip_and_clean_up():
         assert all(torch.equal(a, b * 2) and a.dtype == b.dtype for a, b in zip(lists[0], values[0]))
         assert torch.equal(lists[1][0], values[1][0])
     assert not folder.exists()
+
+
+def test_offloaded_search_and_resume_with_the_head_on_disk(source, tmp_path):
+    """issue 14's allocation search and solver on offloaded blocks, with checkpoint_dir: the resume digests read the
+    offloaded blocks and the head (on disk) through their weights maps; same weights as the model in memory."""
+    options = dict(sparsity=0.6, preset="quality", search_steps=2, **SMALL)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=osp.SparseScheduleConfig(**options, checkpoint_dir=str(tmp_path / "ckpt")),
+        device_map=DEVICE_MAP, offload_folder=tmp_path / "offload")
+    reference = AutoModelForCausalLM.from_pretrained(source, quantization_config=osp.SparseScheduleConfig(**options))
+    results, expected = model.config.quantization_config.results, reference.config.quantization_config.results
+    assert results.search == expected.search and results.search["steps"] == 2
+    assert results.layer_sparsities == expected.layer_sparsities
+    ours, theirs = full_state(model), reference.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["finished_blocks"] == 3 and len(manifest["weights"]["blocks"]) == 3

@@ -75,6 +75,16 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def card_json(card: ModelCard) -> str:
+    return re.search(r"```json\n(.*?)\n```", card.text, re.S).group(1)
+
+
+def expected_options(saved: dict) -> dict:
+    """The options as the card shows them: no results, local paths reduced to their file name."""
+    options = {k: v for k, v in json.loads(json.dumps(saved, default=str)).items() if k != "results"}
+    return {**options, "dataset": Path(options["dataset"]).name}
+
+
 def check_our_card(path: Path, model) -> ModelCard:
     """The README at ``path`` is this package's card of ``model`` (the tiny Llama of ``compressed``)."""
     card = ModelCard.load(path)
@@ -97,8 +107,13 @@ def check_our_card(path: Path, model) -> ModelCard:
         assert cells[:3] == [str(index), f"{params:,}", f"{mean:.3f}"]
         assert cells[3:] == [f"{cfg.results.layer_sparsities[n]:.3f}" for n in names]
     assert "import optimum_sparsesched" in card.text and "AutoModelForCausalLM.from_pretrained(" in card.text
-    config_json = re.search(r"```json\n(.*?)\n```", card.text, re.S).group(1)
-    assert json.loads(config_json) == json.loads(json.dumps(cfg.to_dict(), default=str))
+    assert json.loads(card_json(card)) == expected_options(cfg.to_dict())
+    visible = card.text.split("## Details")[0]
+    assert visible.lstrip().startswith("# tiny-llama, 60% sparse + INT4\n")  # a title from the model
+    assert "**Weights:** [org/tiny-llama](https://huggingface.co/org/tiny-llama)" in visible
+    assert "| perplexity | 42.50 | `calibration.txt` | test | 2 windows × 64 tokens |" in visible
+    assert len(visible.splitlines()) < 50 and "layer_errors" not in card.text  # short; details collapsed
+    assert card.text.count("<details>") == 2 and str(CALIBRATION_TEXT.parent) not in card.text
     assert "This is the model card of a 🤗 transformers model" not in card.text  # not transformers' template
     return card
 
@@ -111,7 +126,7 @@ def test_saved_card_describes_the_checkpoint(compressed):
     saved = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert saved["results"]["eval_results"] == [{"metric": "perplexity", "value": 42.5, "dataset": "calibration.txt",
                                       "split": "test", "seq_len": 64, "windows": 2}]
-    assert json.loads(re.search(r"```json\n(.*?)\n```", card.text, re.S).group(1)) == saved  # the exact config
+    assert json.loads(card_json(card)) == expected_options(saved)  # the options of the run (results: config.json)
     reloaded = osp.SparseScheduleConfig.from_dict(saved)
     assert reloaded.results.eval_results == saved["results"]["eval_results"]
 
@@ -136,6 +151,31 @@ def test_card_metadata_for_patterns_bits_hub_datasets_and_local_bases():
     assert base_model_id(str(CALIBRATION_TEXT)) is None and base_model_id("") is None
     with pytest.raises(ValueError, match="layer_sparsities"):
         build_model_card(osp.SparseScheduleConfig())
+
+
+def test_a_uniform_schedule_is_one_sentence_and_no_plot(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    model.config._name_or_path = str(tmp_path / "my-model")  # a local path: the title takes its last component
+    osp.compress(model, osp.SparseScheduleConfig(sparsity=0.5, schedule="uniform", **SMALL), tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.text.lstrip().startswith("# my-model, 50% sparse\n") and card.data.base_model is None
+    assert "Every decoder block is at sparsity 0.500." in card.text and "**Weights:** a local checkpoint." in card.text
+    assert not (tmp_path / "out" / PLOT_FILE).exists() and PLOT_FILE not in card.text
+    assert str(tmp_path) not in card.text
+
+
+def test_schedule_view_is_a_few_rows():
+    from optimum_sparsesched.publish.schedule_view import schedule_view
+
+    levels = [0.4, 0.4, 0.5, 0.6, 0.4, 0.6, 0.6]  # a few levels: one row per level with its blocks
+    view = schedule_view(block_rows({f"model.layers.{i}.mlp.up_proj": s for i, s in enumerate(levels)}), [0.4, 0.6])
+    assert view.splitlines() == ["Per-block sparsity in [0.400, 0.600]:", "", "| sparsity | decoder blocks |",
+                                 "|---|---|", "| 0.40 | 0–1, 4 |", "| 0.50 | 2 |", "| 0.60 | 3, 5–6 |"]
+    ramp = {f"model.layers.{i}.mlp.up_proj": 0.4 + 0.01 * i for i in range(30)}  # continuous: 8 groups of blocks
+    rows = schedule_view(block_rows(ramp)).splitlines()
+    assert rows[:3] == ["| decoder blocks | mean sparsity | range |", "|---|---|---|", "| 0–3 | 0.415 | 0.400–0.430 |"]
+    assert len(rows) == 2 + 8 and rows[-1] == "| 28–29 | 0.685 | 0.680–0.690 |"
 
 
 def test_record_eval_result_validates_replaces_and_keeps_the_fingerprint(compressed, tokenizer):
@@ -308,12 +348,12 @@ def test_cli_compress_records_perplexity_in_the_card(save_tiny, tmp_path, capsys
     path = save_tiny("llama")
     text = tmp_path / "eval.txt"
     text.write_text("some evaluation text, a few words long\n" * 60)
-    args = ["compress", str(path), str(tmp_path / "out"), "--num-samples", "2", "--seq-len", "32",
-            "--eval-windows", "2", "--eval-text", str(text), "--dataset", str(CALIBRATION_TEXT)]
+    args = ["compress", str(path), str(tmp_path / "out"), "--num-samples", "2", "--seq-len", "32", "--eval-seq-len",
+            "32", "--eval-windows", "2", "--eval-text", str(text), "--dataset", str(CALIBRATION_TEXT)]
     assert main([*args, "--eval-dataset", str(tmp_path / "missing.txt")]) == 2
     assert "--eval-dataset" in capsys.readouterr().err
     assert main([*args, "--eval-dataset", str(text), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    summary = json.loads(capsys.readouterr().out)
     (result,) = ModelCard.load(tmp_path / "out" / "README.md").data.eval_results
     assert result.metric_value == pytest.approx(summary["ppl_after"], abs=1e-3)
     assert result.dataset_name == "eval.txt" and result.metric_args == {"seq_len": 32, "windows": 2}

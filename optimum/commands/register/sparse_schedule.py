@@ -21,8 +21,9 @@ class SparseScheduleCommand(BaseOptimumCLICommand):
     def parse_args(parser: argparse.ArgumentParser) -> None:
         parser.description = ("SparseGPT compression with layer-wise sparsity schedules. Run "
                               "`optimum-cli sparse-schedule COMMAND --help` for the options of a command.")
-        parser.add_argument("command", choices=COMMANDS, help="compress: compress a model (and save it); eval: "
-                            "perplexity on a text file; push: upload a saved compressed checkpoint to the Hub")
+        parser.add_argument("command", choices=COMMANDS, help="compress: compress a model (the embedded "
+                            "SmolLM2-135M without MODEL) and save it with -o OUT; eval: perplexity on a text and "
+                            "lm-eval accuracies (--tasks); push: upload a saved compressed checkpoint to the Hub")
         parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the command's arguments and options")
 
     def run(self) -> None:

@@ -1,0 +1,232 @@
+"""The command line's inputs, checked before any long work: options -> a :class:`.config.SparseScheduleConfig`,
+text files (UTF-8, not empty), the output folder, lm-eval tasks, and the model itself (a folder, a hub id, or the
+embedded default). A bad one raises :class:`UsageError`, which the CLI prints as one line and exits 2 on."""
+
+from __future__ import annotations
+
+import codecs
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+#: defaults of the embedded run (no MODEL), chosen so that the README's first command ends in minutes on 2 CPU cores
+EMBEDDED = {"num_samples": 16, "seq_len": 512, "probe_samples": 2, "eval_windows": 2}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """Bad input to the command line: printed as ``error: <message>``, exit code 2."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to compress or evaluate, its tokenizer, and where its weights came from (in words)."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    seconds: float = 0.0
+
+
+def config_from_args(a: Any) -> Any:
+    """The compression options of ``compress`` -> ``SparseScheduleConfig`` (the embedded run's defaults when no
+    MODEL is given)."""
+    from .config import SparseScheduleConfig
+    from .default_model import CALIBRATION_TEXT
+
+    embedded = a.model is None
+    defaults = SparseScheduleConfig()
+
+    def pick(name: str) -> Any:
+        value = getattr(a, name)
+        return value if value is not None else EMBEDDED[name] if embedded else getattr(defaults, name)
+
+    rng = a.sparsity_range
+    if rng != "auto":
+        try:
+            rng = [float(x) for x in str(rng).split(",")]
+        except ValueError:
+            raise UsageError(f"--sparsity-range: {a.sparsity_range!r} is not valid; allowed: auto or LO,HI "
+                             "(e.g. 0.4,0.8)") from None
+    options = dict(sparsity=a.sparsity, schedule=a.schedule, pattern=a.pattern, bits=a.bits,
+                   group_size=a.group_size, sym=a.sym, damp=a.damp, block_size=a.block_size,
+                   error_metric=a.error_metric, probe_samples=pick("probe_samples"), sparsity_range=rng,
+                   num_levels=a.num_levels, owl_m=a.owl_m, owl_lambda=a.owl_lambda, preset=a.preset,
+                   solver=a.solver, search_steps=a.search_steps,
+                   dataset=a.dataset or (str(CALIBRATION_TEXT) if embedded else "wikitext2"),
+                   num_samples=pick("num_samples"), seq_len=pick("seq_len"), seed=a.seed,
+                   export_format=a.export_format, checkpoint_dir=a.checkpoint_dir,
+                   max_device_memory=a.max_device_memory)
+    if a.modules_to_not_convert is not None:
+        options["modules_to_not_convert"] = a.modules_to_not_convert
+    try:
+        return SparseScheduleConfig(**options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_utf8(path: Path, option: str) -> int:
+    """Decode ``path`` as UTF-8 in chunks; returns the number of non-blank characters."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, content = 0, 0
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                content += len(decoder.decode(chunk).strip())
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{option}: {path.name!r} is not UTF-8 text ({exc.reason} at byte {offset + exc.start})") \
+            from None
+    except OSError as exc:
+        raise UsageError(f"{option}: {path.name!r} cannot be read ({exc.strerror})") from None
+    return content
+
+
+def check_eval_text(path: str, option: str) -> str:
+    """``path`` is a readable, non-empty UTF-8 text file; returns it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{option}: {path!r} is not a file; allowed: a UTF-8 text file")
+    if not _check_utf8(p, option):
+        raise UsageError(f"{option}: {p.name!r} holds no text")
+    return path
+
+
+def check_text_source(dataset: Any, option: str) -> None:
+    """A calibration ``dataset`` that names local files: every ``.txt`` file is UTF-8 and one holds text; a hub name
+    (``wikitext2``, ``c4``): it loads now, before the model (the Hub may be out of reach)."""
+    if isinstance(dataset, str) and not os.path.exists(dataset):
+        from .pipeline.calibration import load_texts
+
+        try:
+            load_texts(dataset)
+        except Exception as exc:  # datasets' many ways to say "not reachable / not cached"
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UsageError(f"{option}: {dataset!r} could not be loaded ({type(exc).__name__}: {reason[:160]}); "
+                             "pass a local .txt file or folder") from None
+        return
+    if not isinstance(dataset, (str, os.PathLike)):
+        return  # an in-memory dataset: checked by the config
+    path = Path(dataset)
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise UsageError(f"{option}: the folder {path.name!r} holds no .txt file")
+    if not sum(_check_utf8(f, option) for f in files):
+        raise UsageError(f"{option}: {path.name!r} holds no text")
+
+
+def check_output_folder(out: str | None, output: str | None, model: str | None) -> Path | None:
+    """The folder to save into (None: nothing is saved): not a file, creatable, not the model's own folder."""
+    if out is not None and output is not None and Path(out) != Path(output):
+        raise UsageError(f"OUT: given twice ({out!r} and -o {output!r}); give one")
+    target = out if out is not None else output
+    if target is None:
+        return None
+    path = Path(target).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"OUT: {target!r} is a file; allowed: a folder (created if missing)")
+    if model is not None and os.path.isdir(model) and path.exists() and path.resolve() == Path(model).resolve():
+        raise UsageError(f"OUT: {target!r} is the folder of MODEL; its weights would be replaced, choose another")
+    if (path / "config.json").is_file() and not _written_by_us(path / "config.json"):
+        raise UsageError(f"OUT: {target!r} holds a model this package did not write (its config.json); saving would "
+                         "replace its weights, choose another folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"OUT: {target!r} cannot be created or written ({str(existing)!r} is not writable)")
+    return path
+
+
+def _written_by_us(config_json: Path) -> bool:
+    import json
+
+    from .config import saved_config_dict
+
+    try:
+        return saved_config_dict(json.loads(config_json.read_text())) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def parse_tasks(tasks: str | None, task_paths: list[str]) -> list[str]:
+    """``--tasks a,b`` -> ``["a", "b"]``, with lm-eval installed and every ``--task-path`` present."""
+    if tasks is None:
+        if task_paths:
+            raise UsageError("--task-path: given without --tasks; name the tasks to run with --tasks")
+        return []
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"--tasks: {tasks!r} names no task; allowed: comma-separated lm-eval tasks, e.g. "
+                         "hellaswag,arc_easy")
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--tasks needs lm-evaluation-harness: pip install 'optimum-sparsesched[eval]'")
+    for p in task_paths:
+        if not os.path.exists(p):
+            raise UsageError(f"--task-path: {p!r} does not exist")
+    return names
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.endswith(("/", os.sep)) or ref.count("/") > 1 or (
+        os.sep != "/" and os.sep in ref)
+
+
+def check_model_ref(ref: str | None) -> None:
+    """``ref`` names a model folder (with ``config.json``) or a hub model whose config loads (a small download, or
+    huggingface_hub's cache); None (the embedded default) is always fine."""
+    if ref is None:
+        return
+    hint = f" (to save the embedded default model into a folder, use: compress -o {ref})"
+    path = Path(ref).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"model: {ref!r} is a folder without config.json, not a model{hint}")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"model: {ref!r} is a file; allowed: a model folder or a hub id")
+    if path.exists():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers import AutoConfig
+
+    if _looks_like_path(ref):
+        raise UsageError(f"model: no such folder {ref!r}")
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise UsageError(f"model: {ref!r} is neither a folder nor a valid hub id ('name' or 'owner/name')") from None
+    try:
+        AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UsageError(f"model: {ref!r} is not a local folder and could not be loaded from the Hugging Face Hub: "
+                         f"{reason[:200]}{hint}") from None
+
+
+def load_model(ref: str | None, dtype: str, say: Callable[[str], None]) -> LoadedModel:
+    """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if ref is None:
+        from .default_model import load_default_model
+
+        say("loading the embedded default model (SmolLM2-135M)")
+        default = load_default_model(torch_dtype, say=say)
+        say(f"weights: {default.source}")
+        return LoadedModel(default.model, default.tokenizer, default.source)
+    check_model_ref(ref)
+    path = Path(ref).expanduser()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        where = "the folder" if path.exists() else "the Hugging Face Hub"
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UsageError(f"model: {ref!r} could not be loaded from {where}: {reason[:200]}") from None
+    if not path.exists() and not getattr(model.config, "weights_source", None):
+        model.config.weights_source = f"{ref} from the Hugging Face Hub"
+    source = getattr(model.config, "weights_source", None) or f"the local folder {path.name}"
+    return LoadedModel(model.eval(), tokenizer, source)
