@@ -4,6 +4,7 @@ tensor: the check that a refactoring (or another entry point) gives bit-identica
     python benchmarks/equivalence.py run MODEL_DIR OUT_A          # before the change
     python benchmarks/equivalence.py run MODEL_DIR OUT_B          # after it
     python benchmarks/equivalence.py compare OUT_A OUT_B          # exit 0 iff every saved tensor is identical
+    python benchmarks/equivalence.py run MODEL_DIR OUT_S --stream # the same through compress_checkpoint
 
 The configurations cover the default Hessian schedule (unstructured), OWL, N:M with joint INT4 and a symmetric
 INT8 per-channel grid, on a short calibration (8 windows of 256 tokens of the shipped text) so a run takes a few
@@ -27,7 +28,9 @@ CONFIGS = {
 }
 
 
-def run(model_dir: str, out: Path, names: list[str]) -> None:
+def run(model_dir: str, out: Path, names: list[str], stream: bool = False) -> None:
+    """Compress with each configuration and save; ``stream``: checkpoint to checkpoint with ``compress_checkpoint``
+    (one block in memory) instead of ``from_pretrained(..., quantization_config=cfg).save_pretrained``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import optimum_sparsesched as osp
@@ -37,9 +40,12 @@ def run(model_dir: str, out: Path, names: list[str]) -> None:
     for name in names:
         cfg = osp.SparseScheduleConfig(dataset=str(calibration), num_samples=8, seq_len=256, probe_samples=2,
                                        **CONFIGS[name])
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=cfg)
-        model.save_pretrained(out / name)
-        tok.save_pretrained(out / name)
+        if stream:
+            osp.compress_checkpoint(model_dir, out / name, cfg, tokenizer=tok, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=cfg)
+            model.save_pretrained(out / name)
+            tok.save_pretrained(out / name)
         print(f"saved {out / name}", flush=True)
 
 
@@ -77,12 +83,13 @@ def main() -> int:
     r.add_argument("model_dir")
     r.add_argument("out", type=Path)
     r.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    r.add_argument("--stream", action="store_true", help="through compress_checkpoint (one block in memory)")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.model_dir, a.out, a.configs)
+        run(a.model_dir, a.out, a.configs, a.stream)
         return 0
     return compare(a.a, a.b)
 

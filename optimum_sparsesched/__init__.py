@@ -23,6 +23,7 @@ from .publish.hub import push_to_hub
 from .publish.model_card import build_model_card, record_eval_result, record_zero_shot
 from .quantizer import SparseScheduleQuantizer, compress
 from .results import CompressionResults
+from .streaming import compress_checkpoint
 from .version import __version__
 
 if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not SparseScheduleConfig:
@@ -33,6 +34,6 @@ if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not SparseScheduleQuantizer:
 #: Folder of the `evaluate` perplexity metric: ``evaluate.load(optimum_sparsesched.PERPLEXITY_METRIC)``.
 PERPLEXITY_METRIC = str(Path(__file__).parent / "eval" / "metrics" / "sparse_perplexity")
 
-__all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "CompressionResults", "compress", "perplexity",
-           "PERPLEXITY_METRIC", "zero_shot", "record_eval_result", "record_zero_shot", "build_model_card",
-           "push_to_hub", "to_semi_structured", "from_semi_structured"]
+__all__ = ["SparseScheduleConfig", "SparseScheduleQuantizer", "CompressionResults", "compress", "compress_checkpoint",
+           "perplexity", "PERPLEXITY_METRIC", "zero_shot", "record_eval_result", "record_zero_shot",
+           "build_model_card", "push_to_hub", "to_semi_structured", "from_semi_structured"]

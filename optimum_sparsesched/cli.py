@@ -117,6 +117,9 @@ def _compress(a: argparse.Namespace) -> int:
     check_model_ref(a.model)
     check_text_source(cfg.dataset, "--dataset")
     tasks = parse_tasks(a.tasks, a.task_path)
+    measured = bool(tasks) or a.eval_dataset is not None or (a.eval_text is not None and not a.no_eval)
+    if a.model is not None and out is not None and not measured:  # checkpoint to checkpoint, one block in memory
+        return _compress_streaming(a, cfg, out)
     texts = [] if a.no_eval else [check_eval_text(a.eval_text or str(EVALUATION_TEXT), "--eval-text")]
     if a.eval_dataset is not None:
         texts.append(check_eval_text(a.eval_dataset, "--eval-dataset"))
@@ -164,6 +167,33 @@ def _compress(a: argparse.Namespace) -> int:
     if out is not None:
         report["saved"] = str(out)
     _print_summary(report, a.json, out)
+    return 0
+
+
+def _compress_streaming(a: argparse.Namespace, cfg: Any, out: Path) -> int:
+    """``compress MODEL OUT``, no measurement asked: :func:`.streaming.compress_checkpoint` (``eval OUT`` measures)."""
+    import time
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import compress_checkpoint
+    from .pipeline.distributed import is_main_process
+    from .pipeline.plan import module_sizes
+    from .schedule.allocators import weighted_mean
+
+    t0 = time.perf_counter()
+    try:
+        compress_checkpoint(a.model, out, cfg, dtype=a.dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if is_main_process():
+        with torch.device("meta"):  # module sizes from a weightless skeleton
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+        achieved = cfg.results.layer_sparsities
+        _print_summary({"model": a.model, "weights": "streamed block by block from the checkpoint's shards",
+                        "sparsity": round(weighted_mean(achieved, module_sizes(skeleton, achieved)), 4), "pattern": cfg.pattern, "bits": cfg.bits,
+                        "schedule": cfg.schedule, "compress_seconds": round(time.perf_counter() - t0, 1),
+                        "perplexity": f"optimum-sparsesched eval {out}", "saved": str(out)}, a.json, out)
     return 0
 
 

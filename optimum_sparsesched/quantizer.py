@@ -3,7 +3,10 @@
 
 Load phases (transformers ``HfQuantizer``; what the base class does is not repeated here):
 - ``update_device_map``: with no ``device_map`` the model loads on the CPU; compression moves one decoder block
-  at a time to the GPU (when there is one), so models larger than the GPU can be compressed.
+  at a time to the GPU (when there is one), so models larger than the GPU can be compressed. A user's
+  ``device_map`` is kept: blocks it offloads to ``"cpu"``/``"disk"`` (with ``offload_folder``) are onloaded one at
+  a time and their compressed weights written back to the offload store (:mod:`.pipeline.sources`), so models
+  larger than the host memory can be compressed too.
 - ``_process_model_before_weight_loading`` (pre-quantized checkpoints): before any tensor is read, the options and
   results of ``config.json`` are checked against what every weight file recorded (:mod:`.formats.metadata`), and the
   key that makes plain transformers refuse a compact checkpoint is marked as expected.
@@ -31,6 +34,7 @@ from .config import SparseScheduleConfig
 from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES, compact_state_dict
 from .formats.compact_load import CompactDeserialize
 from .formats.metadata import check_weights_metadata, weights_metadata
+from .pipeline.offload import has_offloaded_weights
 from .publish.save import install_save
 
 
@@ -69,6 +73,10 @@ class SparseScheduleQuantizer(HfQuantizer):
         config = self.quantization_config
         if not config.results.compressed:
             return None, {}
+        if has_offloaded_weights(model):
+            raise ValueError("save_pretrained: the weights of this compressed model are offloaded by accelerate; save "
+                             "it with model.save_pretrained(folder), this package's save, which writes it block by "
+                             "block (type(model).save_pretrained cannot encode weights that are not loaded)")
         metadata = weights_metadata(config)
         if config.export_format == "dense":
             return None, metadata

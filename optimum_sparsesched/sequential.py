@@ -5,12 +5,14 @@ block-0 inputs and every block's own arguments (:mod:`.pipeline.blocks`) -> the 
 per-module sparsities, measured on the dense model) -> for each block: Hessians ``H = 2XXᵀ/n`` of its modules from
 its current inputs (:mod:`.pipeline.hessians`), the OBS solve of every module (:func:`.obs.prune.prune`), and the
 compressed block produces the next block's inputs. Only the current block is on the compute device
-(:mod:`.pipeline.residency`); finished blocks are checkpointed (:mod:`.pipeline.checkpoint`); under
-torch.distributed the work is shared (:mod:`.pipeline.distributed`).
+(:mod:`.pipeline.residency`), and only the current block is materialised when the weights are offloaded or streamed
+(every pass visits blocks through a :class:`.pipeline.sources.BlockSource`); finished blocks are checkpointed
+(:mod:`.pipeline.checkpoint`); under torch.distributed the work is shared (:mod:`.pipeline.distributed`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -24,7 +26,7 @@ from .obs.grid import set_module_grid
 from .obs.inverse import InverseHessian
 from .obs.prune import KERNEL_ENV, check_kernel, prune
 from .obs.spec import PruneSpec
-from .pipeline.blocks import BlockInputs, block_on_device, capture_block_inputs, run_block
+from .pipeline.blocks import BlockInputs, capture_block_inputs, run_block
 from .pipeline.calibration import calibration_windows, check_token_ids, resolve_tokenizer
 from .pipeline.checkpoint import BlockCheckpoint, block_state, fingerprint, restore_block
 from .pipeline.digest import block_digest, outside_digest
@@ -32,6 +34,7 @@ from .pipeline.distributed import DistributedContext, init_distributed
 from .pipeline.hessians import collect_block_hessians
 from .pipeline.plan import CompressionPlan, plan_compression, set_weight_matrix, weight_matrix
 from .pipeline.residency import compute_device, decide_for_inputs, plan_residency, store
+from .pipeline.sources import BlockSink, BlockSource
 from .schedule.allocate import Allocation, allocate_sparsities, measures_damage, needs_statistics
 from .schedule.search import search_allocation
 from .schedule.statistics import measure_layer_statistics
@@ -56,6 +59,7 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
     for acc in dict.fromkeys(accumulators.values()):  # each shared Hessian once, in module order
         H, _ = ctx.all_reduce_hessian(acc.H, acc.n)
         inverses[id(acc)] = InverseHessian(H, config.damp)
+        acc.H = H = None  # the inverse holds its own copy: free the accumulator's cols² floats now
     losses = {}
     for k, (name, m) in enumerate(modules.items()):
         if ctx.owner(k) == ctx.rank:
@@ -77,76 +81,89 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
 
 def measure_schedule(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, windows: torch.Tensor,
                      config: SparseScheduleConfig, device: torch.device, storage: torch.device,
-                     ctx: DistributedContext) -> Allocation:
+                     ctx: DistributedContext, source: BlockSource) -> Allocation:
     """The schedule's per-module sparsities, measured by rank 0 on the dense model and sent to every rank."""
     allocation = None
     if ctx.is_main:
         stats = None
         if needs_statistics(config):
             probe = windows[: config.probe_samples]
-            probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(model, probe, device, storage)
+            probe_inputs = inputs if ctx.world == 1 else capture_block_inputs(
+                model, probe, device, storage, visit=functools.partial(source.visit, 0))
             stats = measure_layer_statistics(model, plan, probe_inputs, probe, config, device,
-                                             measures_damage(config), keep_dense=config.search_steps > 0)
+                                             measures_damage(config), source, keep_dense=config.search_steps > 0)
         allocation = allocate_sparsities(plan, config, stats)
         if config.search_steps > 0:
-            allocation = search_allocation(model, plan, probe_inputs, probe, stats, allocation, config, device)
+            allocation = search_allocation(model, plan, probe_inputs, probe, stats, allocation, config, device,
+                                           source)
             logger.info("allocation search: KL %.5g -> %.5g in %d steps", allocation.search["kl_before"],
                         allocation.search["kl_after"], allocation.search["steps"])
     return ctx.broadcast_object(allocation)
 
 
 @torch.no_grad()
-def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: Any = None) -> nn.Module:
+def compress_blocks(model: nn.Module, config: SparseScheduleConfig, tokenizer: Any = None,
+                    sink: BlockSink | None = None) -> nn.Module:
     """Prune (and optionally quantize) ``model`` in place with SparseGPT under ``config``'s schedule.
 
-    Every check against the model and the options runs before any work (a ``checkpoint_dir`` is opened, locked and
-    proven writable before calibration). Fills ``config.results`` (``layer_sparsities``: achieved zero fraction per
-    module; ``layer_errors``: the schedule's estimates, else the OBS loss of every module; ``resolved_range``) and
-    sets ``model.config.quantization_config = config``.
+    Offloaded blocks are onloaded one at a time and their compressed weights written back to their offload store,
+    or, with ``sink``, handed to ``sink(index, block, modules)`` instead (the streaming path writes them into the
+    output checkpoint). Every check against the model and the options runs before any work (a ``checkpoint_dir`` is
+    opened, locked and proven writable before calibration). Fills ``config.results`` (``layer_sparsities``: achieved
+    zero fraction per module; ``layer_errors``: the schedule's estimates, else the OBS loss of every module;
+    ``resolved_range``) and sets ``model.config.quantization_config = config``.
     """
     kernel = check_kernel(os.environ.get(KERNEL_ENV, "auto"), KERNEL_ENV)
     plan = plan_compression(model, config)
     check_export_format(plan, config)
     damage = int(measures_damage(config))
-    working = plan_residency(model, plan, config, damage)  # refuses a budget too small for one block
+    working = plan_residency(model, plan, config, damage, write_back=sink is None)  # refuses a too small budget
     tok = resolve_tokenizer(config, tokenizer, model)
     ctx = init_distributed()
     checkpoint = BlockCheckpoint(config.checkpoint_dir) if config.checkpoint_dir else None
     if checkpoint is not None and ctx.is_main:
         checkpoint.open()  # unwritable, or in use by another run: refused here, before any work
     try:
-        return _compress(model, config, plan, working, damage, tok, kernel, ctx, checkpoint)
+        return _compress(model, config, plan, working, damage, tok, kernel, ctx, checkpoint, sink)
     finally:
         if checkpoint is not None:
             checkpoint.close()
 
 
 def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionPlan, working: Any, damage: int,
-              tok: Any, kernel: str, ctx: DistributedContext, checkpoint: BlockCheckpoint | None) -> nn.Module:
+              tok: Any, kernel: str, ctx: DistributedContext, checkpoint: BlockCheckpoint | None,
+              sink: BlockSink | None) -> nn.Module:
     windows = calibration_windows(config.dataset, tok, config.num_samples, config.seq_len, config.seed)
     check_token_ids(windows, model)
     device = compute_device()
     manifest = None
     digests: dict[int, str] = {}
+    source = BlockSource(sink)
+
+    def visited_digest(i: int) -> str:  # an offloaded block is read once for it
+        with source.visit(i, plan.blocks[i], device):
+            return block_digest(plan.blocks[i])
+
     if checkpoint is not None:
         checkpoint.fingerprint = fingerprint(config, windows, model)
         manifest = checkpoint.load()
         outside = outside_digest(model, plan.blocks)
         if manifest is not None:  # the weights must be those the saved blocks were made from; nothing touched yet
-            checkpoint.check_weights(manifest, outside, lambda i: block_digest(plan.blocks[i]))
+            checkpoint.check_weights(manifest, outside, visited_digest)
             digests = {int(k): v for k, v in manifest["weights"]["blocks"].items()}
         elif needs_statistics(config):  # the schedule reads every block: a resume must find all of them unchanged
-            digests = {i: block_digest(b) for i, b in enumerate(plan.blocks)}
+            digests = {i: visited_digest(i) for i in range(len(plan.blocks))}
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device)
+    inputs = capture_block_inputs(model, windows[ctx.rank::ctx.world], device,
+                                  visit=functools.partial(source.visit, 0))
     probe_count = min(config.probe_samples, len(windows)) if needs_statistics(config) and ctx.is_main else 0
     residency = decide_for_inputs(inputs, working, config, device, probe_count, damage)
     if manifest is not None:  # resume: the schedule was measured by the interrupted run
         allocation = Allocation(manifest["targets"], manifest["estimates"], manifest["resolved_range"])
         logger.info("resuming from %s after block %d", config.checkpoint_dir, manifest["finished_blocks"] - 1)
     else:
-        allocation = measure_schedule(model, plan, inputs, windows, config, device, residency.storage, ctx)
+        allocation = measure_schedule(model, plan, inputs, windows, config, device, residency.storage, ctx, source)
         if checkpoint is not None and ctx.is_main:
             manifest = checkpoint.start(allocation.targets, allocation.estimates, allocation.resolved_range,
                                         outside, digests)
@@ -161,9 +178,9 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
         saved = checkpoint.load_block(manifest, index) if index < finished else None
         if index < finished and not all(ctx.merge_dicts({ctx.rank: saved is not None}).values()):
             finished = index  # a damaged block file: recompute it and every block after it
-        if checkpoint is not None and index >= finished and index not in digests:
-            digests[index] = block_digest(block)  # its weights before compression
-        with block_on_device(block, device) as on:
+        with source.visit(index, block, device, updated=modules) as on:
+            if checkpoint is not None and index >= finished and index not in digests:
+                digests[index] = block_digest(block)  # its weights before compression (materialised now)
             if index < finished:
                 restore_block(modules, saved)
             else:
@@ -175,12 +192,14 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
             for j, h in enumerate(inputs.hidden):
                 out = run_block(block, h, inputs.args[index], inputs.kwargs[index], on, inputs.returns_tuple)
                 inputs.hidden[j] = store(out, h)
-        if checkpoint is not None and index >= finished and ctx.is_main:
-            checkpoint.save_block(manifest, index, block_state(modules), {n: achieved[n] for n in modules},
-                                  {n: losses[n] for n in modules}, digests[index])
+            if checkpoint is not None and index >= finished and ctx.is_main:  # while the weights are materialised
+                checkpoint.save_block(manifest, index, block_state(modules), {n: achieved[n] for n in modules},
+                                      {n: losses[n] for n in modules}, digests[index])
         progress.set_postfix(err=f"{sum(losses.values()):.4g}", refresh=False)
         progress.update()
     progress.close()
+    if source.loads:
+        logger.info("streaming: %s", source.describe())
 
     results = config.results
     results.layer_sparsities = achieved

@@ -108,3 +108,50 @@ def save_tiny(tmp_path, tokenizer):
         return path
 
     return save
+
+
+def write_random_checkpoint(path: Path, config, dtype=torch.bfloat16, max_shard_bytes: int = 2**30, seed: int = 0,
+                            std: float = 0.02) -> int:
+    """Write a checkpoint of ``config`` with random weights (normal, ``std``; norms 1) into ``path`` shard by shard,
+    never holding more than one shard in memory, as ``save_pretrained`` names the files. Returns the weight bytes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = skeleton.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    weight_map, total = {}, 0
+    for file, keys in zip(names, shards):
+        tensors = {}
+        for k in keys:
+            t = state[k]
+            if "norm" in k and k.endswith(".weight"):
+                tensors[k] = torch.ones(t.shape, dtype=t.dtype)
+            else:
+                tensors[k] = (torch.randn(t.shape, generator=generator) * std).to(t.dtype)
+            total += tensors[k].numel() * tensors[k].element_size()
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, file))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.dtype = dtype
+    config.save_pretrained(path)
+    return total

@@ -230,11 +230,23 @@ def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtyp
     return weight, (scale, zero)
 
 
-def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every compressed module's ``weight`` replaced by its compact tensors.
+def compact_module_tensors(module: nn.Module, config: Any) -> dict[str, torch.Tensor] | None:
+    """The compact tensors (``{suffix: tensor}``, on the CPU, with the empty ``weight`` placeholder) that replace a
+    compressed module's ``weight``, or ``None`` when it stays dense: a module is stored compactly when its weight is
+    quantized (it carries a grid) or when the mask and values are smaller than the dense weight."""
+    grid = module_grid(module) if config.bits is not None else None
+    w = weight_matrix(module)
+    if grid is None:
+        nnz = int((w != 0).sum())
+        if nnz * w.element_size() + w.shape[0] * -(-w.shape[1] // 8) >= w.numel() * w.element_size():
+            return None
+    encoded = encode_weight(w, grid, config.bits, config.group_size, config.sym)
+    return {"weight": torch.empty(0, dtype=w.dtype), **{suffix: t.cpu().contiguous() for suffix, t in encoded.items()}}
 
-    A module is stored compactly when its weight is quantized (it carries a grid) or when the mask and values are
-    smaller than the dense weight; other weights stay as they are. A compactly stored module also keeps an empty
+
+def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every compressed module's ``weight`` replaced by its compact tensors
+    (:func:`compact_module_tensors`); other weights stay as they are. A compactly stored module also keeps an empty
     ``weight`` placeholder (shape ``[0]``) and the state dict one empty :data:`REQUIRES_PLUGIN_KEY` tensor: loaded
     without this package, transformers finds every compressed ``weight`` with the wrong shape and refuses to load
     (instead of initialising those layers at random), and its load report lists the key that says what to do."""
@@ -244,15 +256,10 @@ def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]
     for name, module in model.named_modules():
         if name not in compressed or f"{name}.weight" not in state:
             continue
-        grid = module_grid(module) if config.bits is not None else None
-        w = weight_matrix(module)
-        if grid is None:
-            nnz = int((w != 0).sum())
-            if nnz * w.element_size() + w.shape[0] * -(-w.shape[1] // 8) >= w.numel() * w.element_size():
-                continue
-        encoded = encode_weight(w, grid, config.bits, config.group_size, config.sym)
-        state[f"{name}.weight"] = torch.empty(0, dtype=w.dtype)
-        state.update({f"{name}.{suffix}": t.cpu().contiguous() for suffix, t in encoded.items()})
+        encoded = compact_module_tensors(module, config)
+        if encoded is None:
+            continue
+        state.update({f"{name}.{suffix}": t for suffix, t in encoded.items()})
         stored = True
     if stored:
         state[REQUIRES_PLUGIN_KEY] = torch.empty(0, dtype=torch.uint8)

@@ -69,30 +69,37 @@ def compressed_tensors_config(model: nn.Module, config: Any) -> dict[str, Any]:
     return out
 
 
-def compressed_tensors_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every compressed Linear's ``weight`` replaced by the pack-quantized tensors."""
+def compressed_tensors_module_tensors(name: str, module: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors (``{suffix: tensor}``, on the CPU) that replace compressed Linear ``name``'s
+    ``weight``."""
     _require_compressed_tensors()
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     bits, offset = config.bits, 2 ** (config.bits - 1)
+    grid = module_grid(module)
+    if grid is None:
+        raise ValueError(f"export_format: 'compressed-tensors' needs the quantization grid of {name}, which this "
+                         "model does not carry (compress it in this process, or load it from a 'compact' "
+                         "checkpoint); save with export_format='dense' instead")
+    scale, zero = grid
+    w = module.weight.detach()
+    codes = grid_codes(w, scale, zero, bits, config.group_size)
+    out = {"weight_packed": pack_to_int32((codes.to(torch.int16) - offset).to(torch.int8).cpu(), bits),
+           "weight_scale": scale.to(w.dtype).cpu().contiguous()}
+    if not config.sym:
+        signed_zero = (zero.to(torch.int16) - offset).to(torch.int8).cpu()
+        out["weight_zero_point"] = pack_to_int32(signed_zero, bits, packed_dim=0).contiguous()
+    out["weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+    return out
+
+
+def compressed_tensors_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every compressed Linear's ``weight`` replaced by the pack-quantized tensors."""
     state = model.state_dict()
     for name in config.results.layer_sparsities:
-        module = model.get_submodule(name)
-        grid = module_grid(module)
-        if grid is None:
-            raise ValueError(f"export_format: 'compressed-tensors' needs the quantization grid of {name}, which this "
-                             "model does not carry (compress it in this process, or load it from a 'compact' "
-                             "checkpoint); save with export_format='dense' instead")
-        scale, zero = grid
-        w = module.weight.detach()
-        codes = grid_codes(w, scale, zero, bits, config.group_size)
         del state[f"{name}.weight"]
-        state[f"{name}.weight_packed"] = pack_to_int32((codes.to(torch.int16) - offset).to(torch.int8).cpu(), bits)
-        state[f"{name}.weight_scale"] = scale.to(w.dtype).cpu().contiguous()
-        if not config.sym:
-            signed_zero = (zero.to(torch.int16) - offset).to(torch.int8).cpu()
-            state[f"{name}.weight_zero_point"] = pack_to_int32(signed_zero, bits, packed_dim=0).contiguous()
-        state[f"{name}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+        encoded = compressed_tensors_module_tensors(name, model.get_submodule(name), config)
+        state.update({f"{name}.{suffix}": t for suffix, t in encoded.items()})
     return state
 
 

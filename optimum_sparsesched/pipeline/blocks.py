@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
+
+from .offload import has_offloaded_weights, hooks_executing_on
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -78,14 +80,16 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
-                         storage_device: torch.device | str = "cpu") -> BlockInputs:
+                         storage_device: torch.device | str = "cpu",
+                         visit: Callable[[nn.Module, Any], ContextManager[torch.device]] | None = None) -> BlockInputs:
     """Run the model's forward on each window ``[1, seq_len]`` of ``windows`` ``[n, seq_len]`` and record the
-    block inputs. Blocks stay where they are (block 0 visits ``device`` once to learn the output structure);
-    every other module is moved to ``device`` for the capture and moved back afterwards."""
+    block inputs. Blocks stay where they are (block 0 visits ``device`` once to learn the output structure, through
+    ``visit(block, device)``, by default :func:`block_on_device`); every other module is moved to ``device`` for
+    the capture and moved back afterwards."""
     _, blocks = find_decoder_blocks(model)
     captured = BlockInputs(args=[()] * len(blocks), kwargs=[{}] * len(blocks))
     originals = [b.forward for b in blocks]
-    first_block_home = module_device(blocks[0])
+    visit = visit or block_on_device
     memo: dict[int, Any] = {}  # arguments shared between blocks (rotary tables, masks) are stored once
 
     def recorder(index: int):
@@ -96,9 +100,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
                 captured.args[index] = to_device(args, storage_device, memo)
                 captured.kwargs[index] = to_device(kwargs, storage_device, memo)
             if index == 0 and len(captured.hidden) == 1:
-                blocks[0].to(device)
-                out = originals[0](hidden_states, *args, **kwargs)
-                blocks[0].to(first_block_home)
+                with visit(blocks[0], device):
+                    out = originals[0](hidden_states, *args, **kwargs)
                 captured.returns_tuple = isinstance(out, tuple)
             if index == len(blocks) - 1:
                 raise _StopForward
@@ -117,14 +120,19 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
 @contextmanager
 def forwards_replaced(blocks: nn.ModuleList, make_forward: Callable[[int], Callable]) -> Iterator[None]:
     """Replace the ``forward`` of every block ``i`` by ``make_forward(i)`` for the duration (an instance
-    attribute, so the class and every hook stay as they are)."""
+    attribute, so the class stays as it is; an instance ``forward`` already there, such as accelerate's hook
+    wrapper, is put back afterwards)."""
+    saved = [b.__dict__.get("forward") for b in blocks]
     try:
         for i, b in enumerate(blocks):
             b.forward = make_forward(i)
         yield
     finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)
+        for b, previous in zip(blocks, saved):
+            if previous is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = previous
 
 
 @contextmanager
@@ -143,16 +151,19 @@ def block_on_device(block: nn.Module, device: torch.device) -> Iterator[torch.de
 @contextmanager
 def head_and_embeddings_on(model: nn.Module, device: torch.device | str) -> Iterator[None]:
     """Move every module outside the decoder blocks (embeddings, rotary tables, final norm, lm_head) to
-    ``device`` for the duration, then back where each was."""
+    ``device`` for the duration, then back where each was. Modules whose weights accelerate offloaded stay where
+    they are: their hooks onload them for each forward, on ``device``."""
     _, blocks = find_decoder_blocks(model)
     others = non_block_modules(model, {id(b) for b in blocks})
-    homes = [module_device(m) for m in others]
+    movable = [m for m in others if not has_offloaded_weights(m)]
+    homes = [module_device(m) for m in movable]
     try:
-        for m in others:
-            m.to(device)
-        yield
+        with hooks_executing_on([model], device):
+            for m in movable:
+                m.to(device)
+            yield
     finally:
-        for m, home in zip(others, homes):
+        for m, home in zip(movable, homes):
             m.to(home)
 
 

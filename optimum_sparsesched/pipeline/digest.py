@@ -14,6 +14,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .offload import offloaded_tensors
+
 
 def parameters_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     """SHA-256 (hex) over the names, dtypes, shapes and bytes of ``named`` parameters; a parameter that does not live
@@ -34,6 +36,16 @@ def block_digest(block: nn.Module) -> str:
 
 
 def outside_digest(model: nn.Module, blocks: Iterable[nn.Module]) -> str:
-    """:func:`parameters_digest` of the model's parameters outside the decoder ``blocks``."""
+    """:func:`parameters_digest` of the model's parameters outside the decoder ``blocks``; those accelerate
+    offloaded (on ``meta``) are read from their weights maps, one at a time."""
     inside = {id(p) for b in blocks for p in b.parameters()}
-    return parameters_digest((n, p) for n, p in model.named_parameters() if id(p) not in inside)
+    entries = offloaded_tensors(model)
+
+    def value(name: str, p: torch.Tensor) -> torch.Tensor:
+        if p.device.type != "meta":
+            return p
+        owner, _, attr = name.rpartition(".")
+        entry = entries[(id(model.get_submodule(owner) if owner else model), attr)]
+        return entry.hook.weights_map[entry.name]
+
+    return parameters_digest((n, value(n, p)) for n, p in model.named_parameters() if id(p) not in inside)

@@ -42,7 +42,8 @@ rank; ``p`` = probe windows; ``k`` = damage streams of the schedule (1 for ``"he
 
 A budget bounds what ``compress`` places on the device: parameters a ``device_map`` already put on a GPU are not
 counted (blocks that already live on a GPU are compressed there, where accelerate's hooks expect them). Weights
-offloaded by accelerate (parameters on the ``meta`` device) are refused with an error that says how to load.
+offloaded by accelerate (parameters on the ``meta`` device) are onloaded one block at a time
+(:mod:`.sources`); in host memory a run then holds one block, not the model.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockInputs, non_block_modules, to_device
+from .offload import check_offloaded_weights
 from .plan import CompressionPlan, weight_matrix
 
 logger = logging.getLogger(__name__)
@@ -234,19 +236,6 @@ def free_device_memory(device: torch.device) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- applying it
-def check_materialized(model: nn.Module) -> None:
-    """Refuse weights offloaded by accelerate (parameters on the ``meta`` device) with a clear error."""
-    for name, p in model.named_parameters():
-        if p.device.type == "meta":
-            offload = hasattr(model, "hf_device_map") or any(hasattr(m, "_hf_hook") for m in model.modules())
-            raise ValueError(
-                f"model: parameter {name!r} is on the meta device"
-                + (" (offloaded by accelerate: a device_map with 'cpu'/'disk' offload, or cpu_offload/disk_offload)"
-                   if offload else "") + "; compression rewrites every weight, so all of them must be in CPU or GPU "
-                "memory: load with device_map=None (the default: the model stays on the CPU and one block at a time "
-                "visits the GPU) and bound the GPU memory with max_device_memory")
-
-
 def place_activations(inputs: BlockInputs, residency: Residency) -> BlockInputs:
     """Move the captured activations to ``residency.storage`` (shared tensors stay shared) and pin them in CPU memory
     when asked. Values are unchanged."""
@@ -275,10 +264,12 @@ def store(out: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     return out.to(previous.device)
 
 
-def plan_residency(model: nn.Module, plan: CompressionPlan, config: Any, damage_streams: int) -> WorkingSet:
-    """Before any work: check the weights are materialized and one block's working set fits ``max_device_memory``.
-    Returns the working-set estimate for :func:`decide_for_inputs`."""
-    check_materialized(model)
+def plan_residency(model: nn.Module, plan: CompressionPlan, config: Any, damage_streams: int,
+                   write_back: bool = True) -> WorkingSet:
+    """Before any work: check that offloaded weights can be read (and, with ``write_back``, that the compressed
+    modules' stores can be written: :func:`.offload.check_offloaded_weights`) and that one block's working set fits
+    ``max_device_memory``. Returns the working-set estimate for :func:`decide_for_inputs`."""
+    check_offloaded_weights(model, {id(m) for m in plan.all_modules.values()} if write_back else None)
     working = estimate_working_set(model, plan.blocks, plan.modules, config, damage_streams)
     require_fit(working.total, config.max_device_memory_bytes, working.describe())
     return working
@@ -298,6 +289,6 @@ def decide_for_inputs(inputs: BlockInputs, working: WorkingSet, config: Any, dev
     return residency
 
 
-__all__ = ["Residency", "WorkingSet", "activation_bytes", "check_materialized", "compute_device", "decide_residency",
+__all__ = ["Residency", "WorkingSet", "activation_bytes", "compute_device", "decide_residency",
            "decide_for_inputs", "estimate_working_set", "format_bytes", "place_activations", "plan_residency",
            "require_fit", "store"]

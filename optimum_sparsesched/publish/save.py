@@ -7,7 +7,8 @@ in one by one, ``config.json`` last (:func:`.staging.staged_folder`): only the f
 stale weight files of an earlier save of ours are removed, everything else in the folder (``.git/``, subfolders,
 your files, tokenizer files) stays as it was, and a failure before the swap leaves the folder untouched. A save
 into (or around) the run's ``checkpoint_dir`` is refused: the resume state would be mixed into the published
-checkpoint. Under torch.distributed only rank 0 writes.
+checkpoint. Under torch.distributed only rank 0 writes. A model whose weights accelerate offloaded is written block
+by block (:func:`.export.save_offloaded`) instead of by transformers, which would gather whole shards in memory.
 
 ``save_pretrained(..., push_to_hub=True)`` saves the same way, then uploads the folder with
 :func:`optimum_sparsesched.push_to_hub` (repo named after the folder unless ``repo_id`` is given), and
@@ -25,6 +26,8 @@ from typing import Any, Iterable
 
 from ..formats.compressed_tensors import rewrite_config_json
 from ..pipeline.distributed import is_main_process
+from ..pipeline.offload import has_offloaded_weights
+from .export import save_offloaded
 from .hub import check_repo_id, push_to_hub
 from .model_card import CARD_FILE, card_for_model, is_own_card
 from .staging import staged_folder
@@ -49,7 +52,11 @@ def atomic_save_pretrained(model: Any, save_directory: str | os.PathLike, *args:
 
 def check_apart_from_checkpoint_dir(model: Any, target: Path) -> None:
     """Refuse a save folder that is the run's ``checkpoint_dir``, inside it or around it."""
-    checkpoint_dir = getattr(getattr(model.config, "quantization_config", None), "checkpoint_dir", None)
+    check_folders_apart(getattr(getattr(model.config, "quantization_config", None), "checkpoint_dir", None), target)
+
+
+def check_folders_apart(checkpoint_dir: Any, target: Path) -> None:
+    """Refuse a save folder ``target`` that is ``checkpoint_dir``, inside it or around it (ValueError)."""
     if not isinstance(checkpoint_dir, (str, os.PathLike)) or not str(checkpoint_dir):
         return
     save, resume = Path(os.path.realpath(target)), Path(os.path.realpath(checkpoint_dir))
@@ -65,7 +72,10 @@ def _save(model: Any, target: Path, args: tuple, kwargs: dict, repo_id: str | No
           extra_tags: Iterable[str] = ()) -> Any:
     check_apart_from_checkpoint_dir(model, target)
     with staged_folder(target) as staging:
-        result = type(model).save_pretrained(model, staging, *args, **kwargs)
+        if has_offloaded_weights(model):  # weights offloaded by accelerate: written block by block (.export)
+            result = save_offloaded(model, staging, *args, **kwargs)
+        else:
+            result = type(model).save_pretrained(model, staging, *args, **kwargs)
         config = getattr(model.config, "quantization_config", None)
         if getattr(config, "export_format", None) == "compressed-tensors":
             rewrite_config_json(staging, model, config)

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from ..obs.inverse import InverseHessian
 from ..obs.prune import prune
 from ..obs.spec import PruneSpec
-from ..pipeline.blocks import BlockInputs, block_on_device, find_decoder_blocks, head_and_embeddings_on, run_block
+from ..pipeline.blocks import BlockInputs, find_decoder_blocks, head_and_embeddings_on, run_block
 from ..pipeline.hessians import collect_block_hessians
 from ..pipeline.plan import CompressionPlan, set_weight_matrix, weight_matrix
+from ..pipeline.sources import BlockSource
 from .allocate import Allocation, damage_curves
 from .statistics import LayerStatistics, logits_from_last_hidden
 
@@ -66,12 +67,14 @@ class SearchOutcome:
 class AllocationSearch:
     """The search over one model (see the module docstring). ``dense_inputs[b]``: the probe windows' dense inputs of
     block ``b`` (``dense_inputs[L]``: the last block's dense outputs); ``curves[b]``: the schedule's damage curve of
-    block ``b`` on ``grid``."""
+    block ``b`` on ``grid``. Blocks are visited through ``source`` (offloaded or streamed weights are read once per
+    visit; nothing is written back: the search never changes a block's weights)."""
 
     def __init__(self, model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, windows: torch.Tensor,
                  dense_inputs: Sequence[Sequence[torch.Tensor]], curves: dict[int, torch.Tensor],
-                 grid: torch.Tensor, config: Any, device: torch.device) -> None:
+                 grid: torch.Tensor, config: Any, device: torch.device, source: BlockSource | None = None) -> None:
         self.model, self.plan, self.inputs, self.config, self.device = model, plan, inputs, config, device
+        self.source = source or BlockSource()
         self.windows = windows
         self.dense_inputs = dense_inputs
         self.curves, self.grid = curves, grid
@@ -97,7 +100,7 @@ class AllocationSearch:
         key = (block, round(level, 6))
         if key not in self.bank:
             modules = self.plan.modules[block]
-            with block_on_device(self.plan.blocks[block], self.device) as on:
+            with self.source.visit(block, self.plan.blocks[block], self.device) as on:
                 accumulators = collect_block_hessians(self.plan.blocks[block], modules, self.inputs, block, on,
                                                       list(self.dense_inputs[block]))
                 inverses = {id(a): InverseHessian(a.H, self.config.damp) for a in accumulators.values()}
@@ -114,8 +117,8 @@ class AllocationSearch:
         for b in range(start, len(self.plan.blocks)):
             block, modules = self.plan.blocks[b], self.plan.modules[b]
             pruned = self.pruned_weights(b, levels[b])
-            dense = {n: weight_matrix(m).detach().clone() for n, m in modules.items()}
-            with block_on_device(block, self.device) as on:
+            with self.source.visit(b, block, self.device) as on:
+                dense = {n: weight_matrix(m).detach().clone() for n, m in modules.items()}
                 try:
                     for n, m in modules.items():
                         set_weight_matrix(m, pruned[n])
@@ -186,13 +189,14 @@ class AllocationSearch:
 
 def search_allocation(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, windows: torch.Tensor,
                       stats: LayerStatistics, allocation: Allocation, config: Any,
-                      device: torch.device) -> Allocation:
+                      device: torch.device, source: BlockSource | None = None) -> Allocation:
     """``allocation`` (the ``hessian`` schedule's) refined by ``config.search_steps`` steps of the search, with the
     statistics pass's dense inputs (``stats.dense_inputs``) and damage curves. Returns a new ``Allocation`` whose
     ``search`` records the outcome."""
     curves = damage_curves(plan, config, stats)
     start = [allocation.targets[next(iter(group))] if group else 0.0 for group in plan.modules]
-    search = AllocationSearch(model, plan, inputs, windows, stats.dense_inputs, curves, stats.grid, config, device)
+    search = AllocationSearch(model, plan, inputs, windows, stats.dense_inputs, curves, stats.grid, config, device,
+                              source)
     outcome = search.run(start, config.search_steps, config.seed)
     targets = {n: outcome.levels[i] for i, group in enumerate(plan.modules) for n in group}
     return replace(allocation, targets=targets, search=outcome.record())

@@ -21,7 +21,10 @@ block. Read literally, the rule prunes the early blocks hardest. So the damage o
 end: on ``probe_samples`` calibration windows, block ``b`` alone is pruned at the target sparsity with SparseGPT
 (its Hessian from the dense inputs), the perturbed stream runs through the dense blocks after it, and the damage is
 ``D_b = mean_tokens KL(p_dense ‖ p_pruned)`` of the next-token distributions. All streams advance together block by
-block (each block visits the device once). The local curve supplies the shape in ``s``:
+block (each block visits the device once, and is read once when the weights are offloaded or streamed; the
+streams then wait in files, :mod:`..pipeline.spill`, so host memory stays flat in depth). The pruned block is the
+block itself with the pruned weights swapped in for its one perturbed forward (no copy of the block or of
+accelerate's hooks). The local curve supplies the shape in ``s``:
 ``D_b(s) ≈ P_b · L_b(s)`` with the propagation factor ``P_b = D_b / L_b(s_target)``; a module's share of its
 block's damage is its share of ``L_b``.
 
@@ -31,7 +34,6 @@ block's damage is its share of ``L_b``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -42,16 +44,11 @@ from tqdm.auto import tqdm
 from ..obs.inverse import InverseHessian
 from ..obs.prune import prune
 from ..obs.spec import PruneSpec
-from ..pipeline.blocks import (
-    BlockInputs,
-    block_on_device,
-    find_decoder_blocks,
-    forwards_replaced,
-    head_and_embeddings_on,
-    run_block,
-)
+from ..pipeline.blocks import BlockInputs, find_decoder_blocks, forwards_replaced, head_and_embeddings_on, run_block
 from ..pipeline.hessians import collect_block_hessians
-from ..pipeline.plan import CompressionPlan, set_weight_matrix, weight_matrix
+from ..pipeline.plan import CompressionPlan, is_transposed, weight_matrix
+from ..pipeline.sources import BlockSource, is_offloaded, release_free_memory
+from ..pipeline.spill import TensorLists
 
 CURVE_POINTS = 201  # sparsity grid 0, 0.005, ..., 1
 
@@ -82,6 +79,21 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
     return sum(int((s > m * mean).sum()) for s in scores) / count
 
 
+class WandaScores(Sequence):
+    """The Wanda scores ``|W| · sqrt(diag H)`` ``[rows, cols]`` of a block's modules, each computed when it is read
+    (``items``: ``(module, sqrt(diag H)`` ``[1, cols]``) pairs), so a block's scores never all sit in memory."""
+
+    def __init__(self, items: list[tuple[nn.Module, torch.Tensor]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        module, root_diag = self.items[i]
+        return weight_matrix(module).detach().abs().float() * root_diag
+
+
 @dataclass
 class LayerStatistics:
     """Per-module local loss curves ``curves[name]`` on ``grid``, the OWL outlier ratio of every block, and (when
@@ -107,52 +119,85 @@ def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, input_ids: 
         return model(input_ids=input_ids, use_cache=False).logits
 
 
+#: positions per chunk of the KL computation: its float32 temporaries are ``[KL_CHUNK, V]``, not ``[seq_len, V]``
+KL_CHUNK = 32
+
+
 def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
-    logq = torch.log_softmax(logits.float(), dim=-1)
-    return float((logp_ref.exp() * (logp_ref - logq)).sum(-1).mean())
+    """Mean over positions of ``KL(p_ref ‖ softmax(logits))`` (``[1, S, V]`` each), position chunk by chunk (each
+    position's sum over the vocabulary, hence the mean, is the same as in one piece)."""
+    per_position = [(ref.exp() * (ref - torch.log_softmax(chunk.float(), dim=-1))).sum(-1)
+                    for ref, chunk in zip(logp_ref.split(KL_CHUNK, dim=1), logits.split(KL_CHUNK, dim=1))]
+    return float(torch.cat(per_position, dim=1).mean())
+
+
+def _in_module_layout(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``w`` ``[out, in]`` as a tensor laid out like ``module.weight`` (same dtype and strides)."""
+    return torch.empty_like(module.weight).copy_(w.t() if is_transposed(module) else w)
 
 
 @torch.no_grad()
 def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs,
                              probe_windows: torch.Tensor, config: Any, device: torch.device,
-                             measure_damage: bool, keep_dense: bool = False) -> LayerStatistics:
+                             measure_damage: bool, source: BlockSource | None = None,
+                             keep_dense: bool = False) -> LayerStatistics:
     """Dense pass over the blocks on the probe windows ``[p, seq_len]`` (``inputs.hidden[:p]`` are their block-0
     inputs): local loss curves, OWL ratios and, with ``measure_damage``, the end-to-end damage ``D_b`` of pruning
-    block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``. With ``keep_dense`` the dense
-    inputs of every block are kept (for :mod:`.search`)."""
+    block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``. Blocks are visited through
+    ``source`` (default: a fresh :class:`.BlockSource`), which reads offloaded weights once per block. With
+    ``keep_dense`` the dense inputs of every block are kept (for :mod:`.search`)."""
+    source = source or BlockSource()
+    offloaded = is_offloaded(plan.blocks)
+    try:
+        with TensorLists(spill=measure_damage and offloaded) as streams:
+            return _measure(model, plan, inputs, probe_windows, config, device, measure_damage, source, streams,
+                            keep_dense)
+    finally:
+        if offloaded:
+            release_free_memory()
+
+
+def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe_windows: torch.Tensor, config: Any,
+             device: torch.device, measure_damage: bool, source: BlockSource, streams: TensorLists,
+             keep_dense: bool) -> LayerStatistics:
     grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
     stats = LayerStatistics(grid=grid)
     dense = [h.clone() for h in inputs.hidden[: len(probe_windows)]]
     if keep_dense:
         stats.dense_inputs = [dense]
-    streams: list[list[torch.Tensor]] = []  # streams[b]: the probe windows with block b pruned, at the current depth
+    # streams[b]: the probe windows with block b pruned, at the current depth
     alone = PruneSpec(config.sparsity, block_size=config.block_size, damp=config.damp)  # unstructured, unquantized
     for index, block in enumerate(tqdm(plan.blocks, desc="schedule: measure", unit="block")):
-        with block_on_device(block, device) as on:
+        with source.visit(index, block, device) as on:
             modules = plan.modules[index]
             args, kwargs = inputs.args[index], inputs.kwargs[index]
             dense_out: list[torch.Tensor] = []
             accumulators = collect_block_hessians(block, modules, inputs, index, on, dense, dense_out)
-            inverses = {id(a): InverseHessian(a.H, config.damp) for a in accumulators.values()}
+            root_diag = {id(a): torch.sqrt(torch.diag(a.H)).unsqueeze(0) for a in accumulators.values()}
+            inverses = {id(a): InverseHessian(a.H, config.damp) for a in dict.fromkeys(accumulators.values())}
+            for a in accumulators.values():
+                a.H = None  # the inverses hold their own copies
             hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
-            scores = {}
             for name, m in modules.items():
-                W, H = weight_matrix(m), accumulators[name].H
-                stats.curves[name] = local_loss_curve(saliencies(W, hessians[name]), grid)
-                scores[name] = W.detach().abs().float() * torch.sqrt(torch.diag(H)).unsqueeze(0)
-            stats.owl_ratio_block.append(outlier_ratio(list(scores.values()), config.owl_m))
+                stats.curves[name] = local_loss_curve(saliencies(weight_matrix(m), hessians[name]), grid)
+            scores = WandaScores([(m, root_diag[id(accumulators[n])]) for n, m in modules.items()])
+            stats.owl_ratio_block.append(outlier_ratio(scores, config.owl_m))
             if measure_damage:
-                pruned = copy.deepcopy(block)
-                relative = {id(m): n for n, m in block.named_modules()}
-                pruned_modules = dict(pruned.named_modules())
-                for name, m in modules.items():
-                    target = pruned_modules[relative[id(m)]]
-                    set_weight_matrix(target, prune(weight_matrix(target), hessians[name], alone).weight)
-                streams[:] = [[run_block(block, h, args, kwargs, on, inputs.returns_tuple).to(h.device) for h in s]
-                              for s in streams]
-                streams.append([run_block(pruned, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
-                                for h in dense])
-                del pruned
+                pruned = {name: _in_module_layout(m, prune(weight_matrix(m), hessians[name], alone).weight)
+                          for name, m in modules.items()}
+                for b in range(len(streams)):
+                    streams[b] = [run_block(block, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
+                                  for h in streams[b]]
+                dense_weights = {name: m.weight.data for name, m in modules.items()}
+                try:  # the block with its modules pruned alone, for the one new stream
+                    for name, m in modules.items():
+                        m.weight.data = pruned[name]
+                    streams.append([run_block(block, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
+                                    for h in dense])
+                finally:
+                    for name, m in modules.items():
+                        m.weight.data = dense_weights[name]
+                del pruned, dense_weights
             dense = dense_out
             if keep_dense:
                 stats.dense_inputs.append(dense)
@@ -170,7 +215,7 @@ def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) 
             ids = windows[w].unsqueeze(0).to(device)
             ref = torch.log_softmax(logits_from_last_hidden(model, blocks, ids, dense_final[w].to(device), returns_tuple)
                                     .float(), dim=-1)
-            for b, stream in enumerate(streams):
-                logits = logits_from_last_hidden(model, blocks, ids, stream[w].to(device), returns_tuple)
+            for b in range(len(streams)):
+                logits = logits_from_last_hidden(model, blocks, ids, streams[b][w].to(device), returns_tuple)
                 damage[b] += _kl_per_token(ref, logits) / len(windows)
     return damage

@@ -73,3 +73,37 @@ def test_two_gloo_processes_match_single_process(family, schedule, bits, preset,
         for key, ref in reference.state_dict().items():
             same = torch.isclose(got["state"][key], ref, rtol=1e-3, atol=1e-4)
             assert same.float().mean() > 0.995, key  # summation order may flip a near-tie in the masks
+
+
+STREAM_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from optimum_sparsesched import SparseScheduleConfig, compress_checkpoint
+    cfg = SparseScheduleConfig(**{options!r})
+    compress_checkpoint(sys.argv[1], sys.argv[2], cfg)  # every rank streams the blocks; rank 0 writes
+    assert dist.is_initialized() and dist.get_world_size() == 2
+    torch.save(cfg.results.layer_sparsities, sys.argv[3] + f".{{dist.get_rank()}}")
+""")
+
+
+def test_two_gloo_processes_stream_a_checkpoint(tmp_path, tokenizer):
+    source = tmp_path / "source"
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(source, max_shard_size="60KB")
+    tokenizer.save_pretrained(source)
+    script = tmp_path / "stream.py"
+    options = {**OPTIONS, "preset": "sparsegpt"}  # the scan: the single-process result up to summation order
+    script.write_text(STREAM_SCRIPT.format(options=options))
+    out = tmp_path / "streamed"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), str(script), str(source), str(out), str(tmp_path / "sparsities")],
+        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    ranks = [torch.load(tmp_path / f"sparsities.{r}") for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+
+    reference = AutoModelForCausalLM.from_pretrained(source, quantization_config=SparseScheduleConfig(**options))
+    streamed = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for key, ref in reference.state_dict().items():
+        same = torch.isclose(streamed[key], ref, rtol=1e-3, atol=1e-4)
+        assert same.float().mean() > 0.995, key  # summation order may flip a near-tie in the masks

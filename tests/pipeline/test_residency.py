@@ -1,6 +1,6 @@
 """Device residency under max_device_memory: config parsing, the pure placement decision, the working-set
-accounting, an end-to-end run with the activations forced off the device (bit-identical weights), refusals
-(too small a budget, accelerate-offloaded weights), and the progress bar's running error."""
+accounting, an end-to-end run with the activations forced off the device (bit-identical weights), the refusal of
+too small a budget, and the progress bar's running error (offloaded weights: tests/pipeline/test_offload.py)."""
 
 import pytest
 import torch
@@ -119,14 +119,6 @@ def test_budget_too_small_for_one_block_is_refused_before_work(tokenizer, monkey
     with pytest.raises(ValueError, match=r"max_device_memory: 1000000 bytes .* needs \d+ bytes .*block 0"):
         compress(model, SparseScheduleConfig(sparsity=0.5, max_device_memory="1MB", **UNIFORM), tokenizer=tokenizer)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_accelerate_offloaded_weights_are_refused_clearly(tokenizer):
-    accelerate = pytest.importorskip("accelerate")
-    model = tiny_model("llama")
-    accelerate.cpu_offload(model, execution_device="cpu")
-    with pytest.raises(ValueError, match=r"meta device \(offloaded by accelerate.*device_map=None.*max_device_memory"):
-        compress(model, SparseScheduleConfig(sparsity=0.5, **UNIFORM), tokenizer=tokenizer)
 
 
 def test_progress_bar_shows_running_error_and_total(tokenizer, capfd):

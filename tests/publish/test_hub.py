@@ -379,3 +379,46 @@ def test_publish_example_dry_run_and_push(hub, save_tiny, tmp_path, capsys):
                          "--endpoint", hub.url]) == 0
     assert hub.files("org/example")["README.md"] == (tmp_path / "real" / "README.md").read_bytes()
     assert torch.is_tensor(next(AutoModelForCausalLM.from_pretrained(tmp_path / "real").parameters()))
+
+
+def test_offloaded_model_pushes_block_by_block(hub, save_tiny, tmp_path):
+    """A model whose blocks accelerate offloaded to disk publishes the same checkpoint as one in memory."""
+    path = save_tiny("llama")
+    options = dict(sparsity=0.6, bits=4, group_size=32, **SMALL)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "disk",
+                  "model.layers.0": "disk", "model.layers.1": "disk"}
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=osp.SparseScheduleConfig(**options),
+                                                 device_map=device_map, offload_folder=tmp_path / "offload")
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    assert f"{hub.url}/org/offloaded/commit/" in str(model.push_to_hub("org/offloaded"))
+    remote = download(hub, "org/offloaded", tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(path, quantization_config=osp.SparseScheduleConfig(**options))
+    reference.save_pretrained(tmp_path / "in-memory")
+    published, saved = load_file(remote / "model.safetensors"), load_file(tmp_path / "in-memory" / "model.safetensors")
+    assert published.keys() == saved.keys() and all(torch.equal(published[k], saved[k]) for k in saved)
+    card = ModelCard.load(remote / "README.md")
+    assert {"pruned", "int4"} <= set(card.data.tags) and "import optimum_sparsesched" in card.text
+
+
+def test_compress_checkpoint_streams_a_hub_model(hub, save_tiny, tmp_path, monkeypatch):
+    """``compress_checkpoint("org/id", out, cfg)`` downloads a snapshot (config, shards, tokenizer) and streams it;
+    the card names the hub id as the base model."""
+    from huggingface_hub import HfApi
+
+    path = save_tiny("llama")
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("org/tiny-source")
+    api.upload_folder(repo_id="org/tiny-source", folder_path=str(path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    options = dict(sparsity=0.5, **SMALL)
+    osp.compress_checkpoint("org/tiny-source", tmp_path / "out", options)
+    reference = AutoModelForCausalLM.from_pretrained(path, quantization_config=osp.SparseScheduleConfig(**options))
+    reference.save_pretrained(tmp_path / "in-memory")
+    streamed, saved = load_file(tmp_path / "out" / "model.safetensors"), load_file(
+        tmp_path / "in-memory" / "model.safetensors")
+    assert streamed.keys() == saved.keys() and all(torch.equal(streamed[k], saved[k]) for k in saved)
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == "org/tiny-source"
+    with pytest.raises(ValueError, match="src: 'org/missing' is neither a local folder nor a hub model id"):
+        osp.compress_checkpoint("org/missing", tmp_path / "never", options)
+    assert not (tmp_path / "never").exists()

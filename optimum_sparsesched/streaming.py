@@ -1,0 +1,200 @@
+"""Checkpoint to checkpoint with one decoder block in memory: :func:`compress_checkpoint`.
+
+``compress_checkpoint(src, out, config)`` compresses a safetensors checkpoint (a local folder or a hub model id)
+into ``out`` without ever holding the model in memory:
+
+1. the model is built by transformers from ``src`` with a ``device_map`` that keeps everything outside the decoder
+   blocks (embeddings, final norm, rotary tables, head: the only resident parts) in CPU memory and offloads every
+   block to ``"disk"``; transformers' disk offload then points accelerate's weights map straight at the
+   checkpoint's own shards, so a block's tensors are read lazily (safetensors ``safe_open``) when it is visited,
+   and ``src`` is never written;
+2. the block loop (:func:`.sequential.compress_blocks`) visits one block at a time (:mod:`.pipeline.sources`):
+   calibration capture, the schedule's measurement pass, then per block Hessians → OBS; each compressed block is
+   handed to a sink that encodes it in ``export_format`` (:func:`.publish.export.block_part`) and appends it to
+   the output shards (:class:`.publish.shards.ShardWriter`), then released;
+3. the tensors outside the blocks, the shard index, ``config.json`` (with the ``quantization_config`` and its
+   results), ``generation_config.json``, the tokenizer and the model card are written at the end.
+
+Everything is written into a private staging folder inside ``out`` and moved into ``out`` only when complete, with
+the guarantees of every save of this package (:func:`.publish.staging.staged_folder`: one writer per folder, files
+renamed in one by one with ``config.json`` last, stale weight files of an earlier save of ours removed and nothing
+else, every weight file recording the options and the results digest that the load checks); a failure at any point
+leaves ``out`` as it was (a folder created for the run is removed again). ``out`` may not overlap the run's
+``checkpoint_dir``.
+
+The result equals ``from_pretrained(src, quantization_config=config).save_pretrained(out)`` tensor for tensor,
+bit for bit, with the same ``dtype``. Under torch.distributed every rank streams the blocks and shares the work as
+usual (:mod:`.pipeline.distributed`); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .config import SparseScheduleConfig
+from .obs.grid import GRID_ATTR
+from .pipeline.blocks import find_decoder_blocks, non_block_modules
+from .pipeline.calibration import resolve_tokenizer
+from .pipeline.distributed import init_distributed
+from .publish.export import (block_part, checkpoint_metadata, finish_part, holds_compact_tensors, rest_part,
+                             write_config)
+from .publish.model_card import CARD_FILE, card_for_model, is_own_card
+from .publish.save import check_folders_apart
+from .publish.shards import ShardWriter, shard_size_bytes
+from .publish.staging import staged_folder
+from .sequential import compress_blocks
+
+#: what a hub snapshot needs: the config, the safetensors weights and the tokenizer files
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def resolve_source(src: str | os.PathLike, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """``src`` as a local folder: itself, or a hub model id downloaded with ``huggingface_hub.snapshot_download``
+    (config, safetensors weights and tokenizer files only). Checks it holds safetensors weights."""
+    path = Path(src)
+    if not path.is_dir():
+        if path.exists():
+            raise ValueError(f"src: {str(src)!r} is a file; allowed: a checkpoint folder or a hub model id")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(str(src), revision=revision, token=token, allow_patterns=HUB_PATTERNS))
+        except Exception as exc:  # offline, unknown repo, invalid id: one message naming the parameter
+            raise ValueError(f"src: {str(src)!r} is neither a local folder nor a hub model id that could be "
+                             f"downloaded ({type(exc).__name__}: {exc})") from exc
+    if not (path / "config.json").is_file():
+        raise ValueError(f"src: {str(path)!r} has no config.json; allowed: a transformers checkpoint folder")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        raise ValueError(f"src: {str(path)!r} has no safetensors weights (model.safetensors or "
+                         "model.safetensors.index.json); streaming reads safetensors shards: convert the checkpoint "
+                         "with from_pretrained(...).save_pretrained(...) first")
+    return path
+
+
+def streaming_device_map(folder: Path) -> dict[str, str]:
+    """Every decoder block on ``"disk"`` (read from the checkpoint's shards), every other module on ``"cpu"``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    blocks_name, blocks = find_decoder_blocks(skeleton)
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    device_map = {names[id(m)]: "cpu" for m in non_block_modules(skeleton, {id(b) for b in blocks})}
+    device_map.update({f"{blocks_name}.{i}" if blocks_name else str(i): "disk" for i in range(len(blocks))})
+    return device_map
+
+
+def _check_output(out: Path, src: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file; allowed: a folder (created if missing)")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"out: {str(out)!r} is the source checkpoint folder; allowed: another folder (the source's "
+                         "shards are read while the output is written)")
+
+
+def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
+                        config: SparseScheduleConfig | dict[str, Any], tokenizer: Any = None, *,
+                        dtype: str | torch.dtype = "auto", max_shard_size: int | str = "50GB",
+                        revision: str | None = None, token: str | bool | None = None) -> SparseScheduleConfig:
+    """Compress the safetensors checkpoint ``src`` (folder or hub model id) into the folder ``out`` with one decoder
+    block in memory at a time (see the module docstring). ``dtype``: the compute and saved dtype (``"auto"``: the
+    checkpoint's, as ``from_pretrained``); ``max_shard_size``: of the output shards (any size costs no memory);
+    ``revision``/``token``: for a hub id. Returns ``config`` with its results filled (also saved in
+    ``out/config.json``). Every check of the arguments runs before any work."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(config, dict):
+        config = SparseScheduleConfig(**config)
+    if not isinstance(config, SparseScheduleConfig):
+        raise ValueError(f"config: a {type(config).__name__} is not valid; allowed: a SparseScheduleConfig or a dict")
+    shard_size_bytes(max_shard_size)
+    out = Path(out)
+    folder = resolve_source(src, revision, token)
+    _check_output(out, folder)
+    check_folders_apart(config.checkpoint_dir, out)
+    ctx = init_distributed()
+    with tempfile.TemporaryDirectory(prefix="sparsesched-offload-") as scratch:  # for weights transformers converts
+        with _quiet("accelerate.big_modeling"):  # "parameters on the meta device": that is the point here
+            model = AutoModelForCausalLM.from_pretrained(folder, device_map=streaming_device_map(folder),
+                                                         offload_folder=scratch, dtype=dtype)
+        model.eval()
+        tok = resolve_tokenizer(config, tokenizer, model)
+        if not Path(src).is_dir():  # a hub id: name the model as from_pretrained(src) would (the card's base_model)
+            model.config._name_or_path = model.name_or_path = str(src)
+        if not ctx.is_main:  # rank 0 writes; the other ranks compress their share and discard the blocks
+            compress_blocks(model, config, tok, sink=lambda *_: None)
+            ctx.barrier()
+            return config
+        created = not out.exists()
+        try:
+            with staged_folder(out) as staging:
+                _stream_into(model, config, tok, staging, out, max_shard_size)
+        except BaseException:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a folder made for this run only
+            raise
+    ctx.barrier()
+    return config
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a logger's warnings for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _stream_into(model: Any, config: SparseScheduleConfig, tok: Any, staging: Path, out: Path,
+                 max_shard_size: int | str) -> None:
+    """Compress ``model`` block by block into shards in ``staging``, then write the rest beside them."""
+    writer = ShardWriter(staging, max_shard_size)
+    try:
+        sink = _block_sink(model, config, writer)
+        compress_blocks(model, config, tok, sink=sink)
+        writer.add(finish_part(model, rest_part(model, compact_stored=getattr(sink, "compact_stored", False))))
+        writer.finish(total_parameters=model.num_parameters(), metadata=checkpoint_metadata(config))
+    except BaseException:
+        writer.discard()
+        raise
+    _write_beside_weights(model, config, tok, staging, out)
+
+
+def _block_sink(model: nn.Module, config: SparseScheduleConfig, writer: ShardWriter):
+    blocks_name, _ = find_decoder_blocks(model)
+
+    def sink(index: int, block: nn.Module, modules: dict[str, nn.Module]) -> None:
+        prefix = f"{blocks_name}.{index}." if blocks_name else f"{index}."
+        part = block_part(prefix, block, modules, config)
+        sink.compact_stored = sink.compact_stored or holds_compact_tensors(part)
+        writer.add(finish_part(model, part))
+        for m in modules.values():  # the grids are in the shards now: keep host memory flat in depth
+            m.__dict__.pop(GRID_ATTR, None)
+
+    sink.compact_stored = False
+    return sink
+
+
+def _write_beside_weights(model: Any, config: SparseScheduleConfig, tok: Any, staging: Path, out: Path) -> None:
+    """config.json, generation_config.json, the tokenizer and the model card, into ``staging``."""
+    write_config(model, staging)
+    if config.export_format == "compressed-tensors":
+        from .formats.compressed_tensors import rewrite_config_json
+
+        rewrite_config_json(staging, model, config)
+    if hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(staging)
+    if not (out / CARD_FILE).is_file() or is_own_card(out / CARD_FILE):  # a README of the user's is kept
+        card_for_model(model, staging, model_name=out.name)
