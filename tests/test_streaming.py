@@ -108,6 +108,24 @@ def test_streamed_checkpoint_reloads_like_the_in_memory_model(sharded, tmp_path)
     assert torch.equal(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
+def kill_at_block_1(monkeypatch):
+    """Make the streaming run die (KeyboardInterrupt) when block 1 reaches the output, after it was checkpointed;
+    returns the real sink factory to put back."""
+    real_sink = streaming._block_sink
+
+    def failing_sink(model, config, writer):
+        sink = real_sink(model, config, writer)
+
+        def fail_at_block_1(index, block, modules):
+            if index == 1:
+                raise KeyboardInterrupt("killed")
+            sink(index, block, modules)
+        return fail_at_block_1
+
+    monkeypatch.setattr(streaming, "_block_sink", failing_sink)
+    return real_sink
+
+
 def test_resume_after_a_failure_and_out_untouched_until_complete(sharded, tmp_path, monkeypatch):
     src = sharded("llama", num_hidden_layers=3)
     out = tmp_path / "out"
@@ -115,18 +133,7 @@ def test_resume_after_a_failure_and_out_untouched_until_complete(sharded, tmp_pa
     (out / "notes.txt").write_text("mine")
     (out / "model.safetensors").write_bytes(b"an older checkpoint")
     options = dict(sparsity=0.5, checkpoint_dir=str(tmp_path / "ckpt"), **UNIFORM)
-    real_sink = streaming._block_sink
-
-    def failing_sink(model, config, writer):
-        sink = real_sink(model, config, writer)
-
-        def fail_at_block_1(index, block, modules):  # after block 1 was checkpointed
-            if index == 1:
-                raise KeyboardInterrupt("killed")
-            sink(index, block, modules)
-        return fail_at_block_1
-
-    monkeypatch.setattr(streaming, "_block_sink", failing_sink)
+    real_sink = kill_at_block_1(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         osp.compress_checkpoint(src, out, options)
     assert digest(out) == {"model.safetensors": hashlib.sha256(b"an older checkpoint").hexdigest(),
@@ -148,18 +155,7 @@ def test_hessian_schedule_resume_streams_and_checks_every_block(sharded, tmp_pat
     is refused from the same checkpoint_dir."""
     src = sharded("llama", num_hidden_layers=3)
     options = dict(sparsity=0.6, checkpoint_dir=str(tmp_path / "ckpt"), **SMALL)
-    real_sink = streaming._block_sink
-
-    def failing_sink(model, config, writer):
-        sink = real_sink(model, config, writer)
-
-        def fail_at_block_1(index, block, modules):  # after block 1 was checkpointed
-            if index == 1:
-                raise KeyboardInterrupt("killed")
-            sink(index, block, modules)
-        return fail_at_block_1
-
-    monkeypatch.setattr(streaming, "_block_sink", failing_sink)
+    real_sink = kill_at_block_1(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         osp.compress_checkpoint(src, tmp_path / "out", options)
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())

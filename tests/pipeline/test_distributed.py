@@ -38,6 +38,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_two_processes(script, *args) -> None:
+    """Run ``script ARGS...`` in 2 gloo processes (one thread each) under torch.distributed.run; must exit 0."""
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), str(script), *map(str, args)],
+        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
 @pytest.mark.parametrize("family,schedule,bits,preset", [("llama", "hessian", None, "sparsegpt"),
                                                          ("gpt2", "uniform", 4, "default")])
 def test_two_gloo_processes_match_single_process(family, schedule, bits, preset, tmp_path, tokenizer_dir, tokenizer):
@@ -47,11 +56,7 @@ def test_two_gloo_processes_match_single_process(family, schedule, bits, preset,
     script.write_text(SCRIPT.format(tests=str(TESTS), family=family, schedule=schedule, bits=bits, preset=preset,
                                     options=OPTIONS))
     out = tmp_path / "saved"
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), str(script), str(tokenizer_dir), str(out), str(tmp_path / "result")],
-        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
-    assert run.returncode == 0, run.stderr[-4000:]
+    torchrun_two_processes(script, tokenizer_dir, out, tmp_path / "result")
     assert (out / "config.json").exists() and not list(tmp_path.glob(".saved.tmp-*"))
 
     ranks = [torch.load(tmp_path / f"result.{r}") for r in (0, 1)]
@@ -93,11 +98,7 @@ def test_two_gloo_processes_stream_a_checkpoint(tmp_path, tokenizer):
     options = {**OPTIONS, "preset": "sparsegpt"}  # the scan: the single-process result up to summation order
     script.write_text(STREAM_SCRIPT.format(options=options))
     out = tmp_path / "streamed"
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), str(script), str(source), str(out), str(tmp_path / "sparsities")],
-        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
-    assert run.returncode == 0, run.stderr[-4000:]
+    torchrun_two_processes(script, source, out, tmp_path / "sparsities")
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     ranks = [torch.load(tmp_path / f"sparsities.{r}") for r in (0, 1)]
     assert ranks[0] == ranks[1]
