@@ -21,7 +21,7 @@ from .cli_inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref,
                          check_text_source, config_from_args, load_model, parse_tasks)
 from .cli_options import build_parser
 
-SUMMARY_OPTIONS = ("pattern", "bits", "schedule", "preset", "solver", "search_steps")  # printed after compress
+SUMMARY_OPTIONS = ("pattern", "bits", "schedule", "preset", "solver", "search_steps", "true_sequential")  # printed
 
 
 def _say(message: str) -> None:  # progress and measurements go to stderr, the summary to stdout

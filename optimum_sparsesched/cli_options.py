@@ -46,6 +46,8 @@ def _compress_parser(sub: Any) -> None:
     g.add_argument("--solver", default=None, choices=SOLVERS, help="layer solver: sparsegpt (the OBS scan), refit "
                    "(its kept weights refitted exactly), admm (mask searched by ADMM, then refitted) [the preset's: "
                    f"{PRESETS[d['preset']]['solver']}]")
+    g.add_argument("--true-sequential", action="store_true", help="compress a block's modules group by group in "
+                   "forward order, each from the compressed groups' outputs [all from the dense block]")
     g.add_argument("--damp", type=float, default=d["damp"], help=f"Hessian damping, fraction of mean(diag H) "
                    f"[{d['damp']}]")
     g.add_argument("--block-size", type=int, default=d["block_size"], help=f"OBS column block [{d['block_size']}]")

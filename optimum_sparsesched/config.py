@@ -186,6 +186,11 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         search_steps: steps of the allocation search that refines the ``hessian`` schedule's per-block sparsities
             by the KL divergence of the pruned model from the dense one on the probe windows (see
             :mod:`.schedule.search`); 0 = no search; default: the preset's.
+        true_sequential: as GPTQ's: the modules of a block are compressed one input group at a time in forward
+            order (q/k/v, then o_proj, then gate/up, then down_proj), each group's Hessian collected from the
+            inputs the compressed groups before it produce; ``False``: every Hessian of a block from its dense
+            forward (SparseGPT's paper, the default: measured, the gain shrinks to noise with the ``refit``/``admm``
+            solvers for about +40% time; README, "Presets and layer solvers").
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             (weights included) resumes from the last finished block. Never written into config.json.
         max_device_memory: byte budget on the compute device (GPU) during compression: ``None`` (no cap), an int
@@ -246,6 +251,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         preset: str = "default",
         solver: str | None = None,
         search_steps: int | None = None,
+        true_sequential: bool = False,
         results: CompressionResults | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -276,6 +282,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.preset = preset
         self.solver = solver
         self.search_steps = search_steps
+        self.true_sequential = true_sequential
         self.results = results if isinstance(results, CompressionResults) else CompressionResults.from_dict(results)
         kwargs.pop("quant_method", None)
         if kwargs:
@@ -324,8 +331,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             self.group_size == -1 or self.group_size > 0
         ):
             raise _bad("group_size", self.group_size, "a positive integer or -1 (one grid per output channel)")
-        if not isinstance(self.sym, bool):
-            raise _bad("sym", self.sym, "True or False")
+        for name in ("sym", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "True or False")
         for name in ("num_samples", "seq_len", "block_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -469,6 +477,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             config_dict["error_metric"] = "kl-alone"
         if "preset" not in config_dict:  # saved before presets existed: those runs used the SparseGPT scan
             config_dict["preset"] = "sparsegpt"
+        config_dict.setdefault("true_sequential", False)  # saved before the option: blocks were solved at once
         dataset = config_dict.get("dataset")
         if isinstance(dataset, str) and dataset not in HUB_DATASETS and not os.path.exists(dataset):
             config_dict["dataset"] = "wikitext2"  # a description ("<list of N texts>") or a path gone since

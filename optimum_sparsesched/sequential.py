@@ -31,7 +31,7 @@ from .pipeline.calibration import calibration_windows, check_token_ids, resolve_
 from .pipeline.checkpoint import BlockCheckpoint, block_state, fingerprint, restore_block
 from .pipeline.digest import block_digest, outside_digest
 from .pipeline.distributed import DistributedContext, init_distributed
-from .pipeline.hessians import collect_block_hessians
+from .pipeline.hessians import collect_block_hessians, input_groups
 from .pipeline.plan import CompressionPlan, plan_compression, set_weight_matrix, weight_matrix
 from .pipeline.residency import compute_device, decide_for_inputs, plan_residency, store
 from .pipeline.sources import BlockSink, BlockSource
@@ -52,16 +52,17 @@ def check_export_format(plan: CompressionPlan, config: SparseScheduleConfig) -> 
 
 def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], targets: dict[str, float],
                    config: SparseScheduleConfig, device: torch.device, kernel: str,
-                   ctx: DistributedContext) -> dict[str, float]:
-    """SparseGPT on every module of one block from its Hessians (one per distinct input, all-reduced over ranks),
-    in place: module ``k`` is solved on rank ``k mod world`` and broadcast. Returns the OBS loss of every module."""
+                   ctx: DistributedContext, first: int = 0) -> dict[str, float]:
+    """SparseGPT on every module of ``modules`` (a block, or a part of it) from its Hessians (one per distinct input,
+    all-reduced over ranks), in place: the ``k``-th module is solved on rank ``(first + k) mod world`` and
+    broadcast. Returns the OBS loss of every module."""
     inverses: dict[int, InverseHessian] = {}
     for acc in dict.fromkeys(accumulators.values()):  # each shared Hessian once, in module order
         H, _ = ctx.all_reduce_hessian(acc.H, acc.n)
         inverses[id(acc)] = InverseHessian(H, config.damp)
         acc.H = H = None  # the inverse holds its own copy: free the accumulator's cols² floats now
     losses = {}
-    for k, (name, m) in enumerate(modules.items()):
+    for k, (name, m) in enumerate(modules.items(), start=first):
         if ctx.owner(k) == ctx.rank:
             result = prune(weight_matrix(m).to(device), inverses[id(accumulators[name])],
                            PruneSpec.from_config(config, targets[name]), kernel)
@@ -72,7 +73,7 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
                 logger.debug("%s: layer loss %.6g with solver %s, SparseGPT scan %.6g", name, result.loss,
                              result.solver, result.sparsegpt_loss)
     del inverses
-    for k, (name, m) in enumerate(modules.items()):
+    for k, (name, m) in enumerate(modules.items(), start=first):
         rows, cols = weight_matrix(m).shape
         groups = 0 if config.bits is None else 1 if config.group_size == -1 else -(-cols // config.group_size)
         ctx.broadcast_module(m, (rows, cols), groups, src=ctx.owner(k))
@@ -184,9 +185,16 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
             if index < finished:
                 restore_block(modules, saved)
             else:
-                accumulators = collect_block_hessians(block, modules, inputs, index, on)
-                losses.update(compress_block(modules, accumulators, allocation.targets, config, on, kernel, ctx))
-                del accumulators
+                # true_sequential: one group of modules reading the same input at a time, in forward order, each
+                # from the inputs the already compressed groups before it produce; else the whole block at once
+                groups = input_groups(block, modules, inputs, index, on, inputs.hidden[0])
+                for names in groups if config.true_sequential else [list(modules)]:
+                    part = {name: modules[name] for name in names}
+                    accumulators = collect_block_hessians(block, part, inputs, index, on, groups=[
+                        g for g in groups if g[0] in part], stop_early=config.true_sequential)
+                    losses.update(compress_block(part, accumulators, allocation.targets, config, on, kernel, ctx,
+                                                 first=list(modules).index(names[0])))
+                    del accumulators
                 achieved.update({n: float((m.weight == 0).sum().item() / m.weight.numel())
                                  for n, m in modules.items()})
             for j, h in enumerate(inputs.hidden):

@@ -28,6 +28,7 @@ from optimum_sparsesched import SparseScheduleConfig, compress
     (dict(search_steps=-1), "search_steps"), (dict(search_steps=1.5), "search_steps"),
     (dict(search_steps=True), "search_steps"), (dict(search_steps=10**6), "search_steps"),
     (dict(schedule="uniform", search_steps=4), "search_steps"),
+    (dict(true_sequential="yes"), "true_sequential"), (dict(true_sequential=None), "true_sequential"),
 ])
 def test_bad_options_name_the_parameter(kwargs, option):
     with pytest.raises(ValueError, match=f"`{option}`"):
@@ -113,6 +114,7 @@ def test_configs_saved_by_0_1_0_still_load():
     assert back.results.eval_results[0]["value"] == 9.0 and back.error_metric == "kl-alone"
     assert not hasattr(back, "granularity")
     assert (back.preset, back.solver, back.search_steps) == ("sparsegpt", "sparsegpt", 0)  # what ran before presets
+    assert back.true_sequential is False
 
 
 def test_fingerprint_options_leave_out_results_and_output_options():

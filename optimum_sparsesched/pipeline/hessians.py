@@ -4,7 +4,13 @@ that read the same input.
 Forward hooks see each module's input ``X`` (``[..., cols]``, every position one sample) while a decoder block
 runs on the calibration windows. Modules fed the very same tensor — q/k/v after the attention norm, gate/up after
 the MLP norm, OPT's q/k/v, fc1 — get one accumulator between them: the Hessian (and later its inverse) is computed
-once, not once per module. Which modules share is read off the first window's forward (same storage, same shape).
+once, not once per module. Which modules share is read off the first window's forward (same storage, same shape),
+and the groups come in the order the forward reaches them (:func:`input_groups`).
+
+``true_sequential`` (as GPTQ's): each group is compressed before the next group's Hessian is collected, so
+o_proj sees the compressed q/k/v, the MLP the compressed attention. Each of those collections stops the block's
+forward as soon as the group's input has been seen (``stop_early``), so the forwards cost about one more block
+forward per window, not one per group.
 """
 
 from __future__ import annotations
@@ -40,9 +46,14 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x)
 
 
-def _input_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs, index: int,
-                  device: torch.device | str, hidden: torch.Tensor) -> list[list[str]]:
-    """Modules grouped by the tensor they read, from one forward of ``hidden`` through the block."""
+class _GroupsSeen(Exception):
+    """Raised by a hook to end a forward once every accumulator has its input (``stop_early``)."""
+
+
+def input_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs, index: int,
+                 device: torch.device | str, hidden: torch.Tensor) -> list[list[str]]:
+    """Modules grouped by the tensor they read, from one forward of ``hidden`` through the block, in the order the
+    forward reaches them (modules it never calls last, each alone)."""
     keys: dict[str, Any] = {}
     alive: list[torch.Tensor] = []  # held until grouping is done, so no freed storage is reused under another input
 
@@ -59,7 +70,7 @@ def _input_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: Block
     finally:
         for h in handles:
             h.remove()
-    groups: dict[Any, list[str]] = {}
+    groups: dict[Any, list[str]] = {key: [] for key in keys.values()}  # in firing order
     for name in modules:
         groups.setdefault(keys.get(name, ("unused", name)), []).append(name)
     return list(groups.values())
@@ -69,21 +80,40 @@ def _input_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: Block
 def collect_block_hessians(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs, index: int,
                            device: torch.device | str,
                            hidden: list[torch.Tensor] | None = None,
-                           outputs: list[torch.Tensor] | None = None) -> dict[str, HessianAccumulator]:
+                           outputs: list[torch.Tensor] | None = None,
+                           groups: list[list[str]] | None = None,
+                           stop_early: bool = False) -> dict[str, HessianAccumulator]:
     """Run block ``index`` on every window of ``hidden`` (default ``inputs.hidden``) and return, per module name,
-    the accumulator of its input Hessian (one shared object per group of modules reading the same input).
-    The block's outputs are appended to ``outputs`` (stored where the inputs are) when a list is given."""
+    the accumulator of its input Hessian (one shared object per group of modules reading the same input; ``groups``
+    when known, else read off a first forward). The block's outputs are appended to ``outputs`` (stored where the
+    inputs are) when a list is given; with ``stop_early`` (no ``outputs``) each window's forward ends as soon as
+    every group has its input."""
+    assert not (stop_early and outputs is not None), "a stopped forward has no output"
     hidden = inputs.hidden if hidden is None else hidden
-    groups = _input_groups(block, modules, inputs, index, device, hidden[0])
+    groups = groups or input_groups(block, modules, inputs, index, device, hidden[0])
     accumulators: dict[str, HessianAccumulator] = {}
     handles = []
+    seen: set[str] = set()
+
+    def add(acc: HessianAccumulator):
+        def hook(_module, args, _output) -> None:
+            acc.add_batch(args[0])
+            seen.add(acc.name)
+            if stop_early and len(seen) == len(groups):
+                raise _GroupsSeen
+        return hook
+
     for group in groups:
         acc = HessianAccumulator(weight_matrix(modules[group[0]]).shape[1], device, group[0])
         accumulators.update({name: acc for name in group})
-        handles.append(modules[group[0]].register_forward_hook(lambda _m, args, _out, a=acc: a.add_batch(args[0])))
+        handles.append(modules[group[0]].register_forward_hook(add(acc)))
     try:
         for h in hidden:
-            out = run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
+            seen.clear()
+            try:
+                out = run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
+            except _GroupsSeen:
+                continue
             if outputs is not None:
                 outputs.append(out.to(h.device))
     finally:
