@@ -138,7 +138,8 @@ def _summary(qc: Mapping[str, Any], achieved: float, base_model: str | None, wei
             f"`{qc.get('schedule')}` layer-wise sparsity schedule")
     if qc.get("search_steps"):
         text += f", refined by {qc['search_steps']} steps of allocation search"
-
+    if qc.get("true_sequential"):
+        text += ", each block's modules group by group in forward order (true sequential)"
     if qc.get("bits"):
         grid = "per output channel" if qc.get("group_size") == -1 else f"group size {qc.get('group_size')}"
         text += (f", its kept weights GPTQ-quantized to INT{qc['bits']} ({grid}, "

@@ -151,6 +151,9 @@ def test_card_metadata_for_patterns_bits_hub_datasets_and_local_bases():
     assert "sparsity_schedule.png" not in card.text and 'from_pretrained("me/gpt2-24")' in card.text
     assert [r.index for r in block_rows(sparsities, sizes)] == [0, 1, 2, None]
     assert "| other |" in card.text and "`attn.c_attn`" in card.text
+    assert "true sequential" not in card.text
+    qc.true_sequential = True
+    assert "group by group in forward order (true sequential)" in build_model_card(qc, sizes=sizes).text
     assert base_model_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert base_model_id(str(CALIBRATION_TEXT)) is None and base_model_id("") is None
     with pytest.raises(ValueError, match="layer_sparsities"):
