@@ -16,6 +16,13 @@ else to the offload store the weights came from (resident weights are already up
 
 The source counts block loads and the seconds spent reading and writing them: ``describe()`` says what streaming
 cost a run.
+
+Host memory of offloaded or streamed runs is kept flat in depth on glibc (:func:`map_large_allocations`, set at the
+first offloaded visit): every allocation of :data:`MMAP_THRESHOLD` bytes or more gets pages of its own, returned
+to the OS when freed. glibc's default raises that threshold up to 32 MiB as large blocks are freed, after which a
+block's Hessians, inverses and weight copies (1–16 MiB each) are carved from the heaps of the threads that
+allocate them (torch's worker threads have their own): the peak of a visit then varied by ±30 MiB from block to
+block with two threads, and the peak of a run (the worst visit) rose with the number of blocks.
 """
 
 from __future__ import annotations
@@ -35,6 +42,30 @@ from .offload import hooks_executing_on, offloaded_tensors, onloaded, write_back
 #: ``sink(index, block, modules)``: receives block ``index`` after a visit that updated ``modules``
 #: (qualified name -> module); the block is materialised (on its home device) while the sink runs.
 BlockSink = Callable[[int, nn.Module, dict[str, nn.Module]], None]
+
+
+#: allocations of at least this many bytes are mapped on their own while blocks are offloaded or streamed
+MMAP_THRESHOLD = 2**20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(None)
+    except (OSError, TypeError):  # no C library to load by that name (Windows)
+        return None
+    return lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+
+
+@functools.lru_cache(maxsize=1)
+def map_large_allocations() -> bool:
+    """Give every allocation of :data:`MMAP_THRESHOLD` bytes or more its own pages (glibc's ``mallopt``; process-wide,
+    for the rest of the process, once; nothing elsewhere), so that freed blocks go back to the OS at once and the
+    peak of a visit is what it holds, the same for every block (see the module docstring). Returns whether it was
+    set."""
+    lib = _glibc()
+    return lib is not None and lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,6 +113,8 @@ class BlockSource:
         on = block_device(block, device)
         home = resident_home(block)
         entries = offloaded_tensors(block)
+        if entries:
+            map_large_allocations()
         start = time.perf_counter()
         with hooks_executing_on([block], on), onloaded(entries, on):
             if entries:
