@@ -50,12 +50,17 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 @functools.lru_cache(maxsize=1)
-def _glibc() -> ctypes.CDLL | None:
+def _libc() -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(None)
+        return ctypes.CDLL(None)
     except (OSError, TypeError):  # no C library to load by that name (Windows)
         return None
-    return lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+
+
+def libc_function(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` (glibc's ``mallopt``, ``malloc_trim``), or ``None`` where it has none."""
+    lib = _libc()
+    return None if lib is None else getattr(lib, name, None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,23 +69,17 @@ def map_large_allocations() -> bool:
     for the rest of the process, once; nothing elsewhere), so that freed blocks go back to the OS at once and the
     peak of a visit is what it holds, the same for every block (see the module docstring). Returns whether it was
     set."""
-    lib = _glibc()
-    return lib is not None and lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
+    if libc_function("malloc_trim") is None:  # not glibc: its mallopt, where there is one, does not do this
+        return False
+    mallopt = libc_function("mallopt")
+    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere). Called after the
     visit of an offloaded block: the block's buffers are freed by then, and without it a run's resident memory
     creeps up with heap fragmentation although what it holds does not grow with depth."""
-    trim = _malloc_trim()
+    trim = libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from optimum_sparsesched.pipeline.sources import _glibc
+from optimum_sparsesched.pipeline.sources import libc_function
 
 # In a fresh process (the setting is process-wide): free 8 MiB tensors three times and report the anonymous memory
 # left behind, before and after map_large_allocations().
@@ -30,7 +30,8 @@ print(default, left_behind())
 """
 
 
-@pytest.mark.skipif(_glibc() is None or not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc")
+@pytest.mark.skipif(libc_function("malloc_trim") is None or libc_function("mallopt") is None
+                    or not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc")
 def test_freed_large_tensors_go_back_to_the_os_once_large_allocations_are_mapped():
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
     default, mapped = map(int, run.stdout.split())
