@@ -189,8 +189,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         true_sequential: as GPTQ's: the modules of a block are compressed one input group at a time in forward
             order (q/k/v, then o_proj, then gate/up, then down_proj), each group's Hessian collected from the
             inputs the compressed groups before it produce; ``False``: every Hessian of a block from its dense
-            forward (SparseGPT's paper, the default: measured, the gain shrinks to noise with the ``refit``/``admm``
-            solvers for about +40% time; README, "Presets and layer solvers").
+            forward (SparseGPT's paper, the default: measured, the gain shrinks with the ``refit``/``admm`` solvers,
+            to a wash at 0.5, for +9% (refit) to +29% (the scan) CPU time at 2:4; README, "Presets and layer
+            solvers").
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             (weights included) resumes from the last finished block. Never written into config.json.
         max_device_memory: byte budget on the compute device (GPU) during compression: ``None`` (no cap), an int
