@@ -42,6 +42,12 @@ ROWS = {
     "uniform-admm-trueseq": dict(schedule="uniform", solver="admm", true_sequential=True),
     "default-trueseq": dict(preset="default", true_sequential=True),
     "quality-trueseq": dict(preset="quality", true_sequential=True),
+    # block reconstruction: the kept weights of every block fitted to the dense block's outputs (3 epochs)
+    "uniform-sparsegpt-rec": dict(schedule="uniform", preset="sparsegpt", reconstruct_epochs=3),
+    "uniform-refit-rec": dict(schedule="uniform", solver="refit", reconstruct_epochs=3),
+    "uniform-admm-rec": dict(schedule="uniform", solver="admm", reconstruct_epochs=3),
+    "default-rec": dict(preset="default", reconstruct_epochs=3),
+    "quality-rec": dict(preset="quality", reconstruct_epochs=3),
 }
 
 
@@ -58,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--reconstruct-lr", type=float, default=None, help="override of the rows' reconstruct_lr")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -71,7 +78,8 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/presets-{args.pattern or args.target}{'-int' + str(args.bits) if args.bits else ''}")
     rows = []
     for name in args.rows:
-        given = dict(sparsity=args.target, pattern=args.pattern, bits=args.bits, group_size=args.group_size)
+        given = dict(sparsity=args.target, pattern=args.pattern, bits=args.bits, group_size=args.group_size,
+                     reconstruct_lr=args.reconstruct_lr if ROWS[name].get("reconstruct_epochs") else None)
         options = dict(ROWS[name], **{k: v for k, v in given.items() if v is not None})
         config = osp.SparseScheduleConfig(dataset=wikitext_calibration_text(), num_samples=args.num_samples,
                                           seq_len=args.seq_len, tokenizer=tokenizer, **options)

@@ -19,9 +19,7 @@ from typing import Any, Sequence
 
 from .cli_inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref, check_output_folder,
                          check_text_source, config_from_args, load_model, parse_tasks)
-from .cli_options import build_parser
-
-SUMMARY_OPTIONS = ("pattern", "bits", "schedule", "preset", "solver", "search_steps", "true_sequential")  # printed
+from .cli_options import SUMMARY_OPTIONS, build_parser
 
 
 def _say(message: str) -> None:  # progress and measurements go to stderr, the summary to stdout

@@ -54,6 +54,7 @@ def config_from_args(a: Any) -> Any:
                    error_metric=a.error_metric, probe_samples=pick("probe_samples"), sparsity_range=rng,
                    num_levels=a.num_levels, owl_m=a.owl_m, owl_lambda=a.owl_lambda, preset=a.preset,
                    solver=a.solver, search_steps=a.search_steps, true_sequential=a.true_sequential,
+                   reconstruct_epochs=a.reconstruct_epochs, reconstruct_lr=a.reconstruct_lr,
                    dataset=a.dataset or (str(CALIBRATION_TEXT) if embedded else "wikitext2"),
                    num_samples=pick("num_samples"), seq_len=pick("seq_len"), seed=a.seed,
                    export_format=a.export_format, checkpoint_dir=a.checkpoint_dir,

@@ -19,6 +19,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+#: the options the compress summary prints
+SUMMARY_OPTIONS = ("pattern", "bits", "schedule", "preset", "solver", "search_steps", "true_sequential",
+                   "reconstruct_epochs")
+
+
 def _compress_parser(sub: Any) -> None:
     d = {k: p.default for k, p in inspect.signature(SparseScheduleConfig.__init__).parameters.items()}
     c = sub.add_parser("compress", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -40,14 +45,21 @@ def _compress_parser(sub: Any) -> None:
     g.add_argument("--group-size", type=int, default=d["group_size"], help="quantization group along the inputs, "
                    f"> 0 or -1 (per output channel) [{d['group_size']}]")
     g.add_argument("--sym", action="store_true", help="symmetric quantization grid [asymmetric]")
-    g.add_argument("--preset", default=d["preset"], choices=list(PRESETS), help="solver and search when not given: "
-                   + "; ".join(f"{k}: {v['solver']}, {v['search_steps']} search steps" for k, v in PRESETS.items())
+    g.add_argument("--preset", default=d["preset"], choices=list(PRESETS), help="solver, search and reconstruction "
+                   "when not given: " + "; ".join(f"{k}: {v['solver']}, {v['search_steps']} search steps, "
+                                                  f"{v['reconstruct_epochs']} reconstruction epochs"
+                                                  for k, v in PRESETS.items())
                    + f" [{d['preset']}]")
     g.add_argument("--solver", default=None, choices=SOLVERS, help="layer solver: sparsegpt (the OBS scan), refit "
                    "(its kept weights refitted exactly), admm (mask searched by ADMM, then refitted) [the preset's: "
                    f"{PRESETS[d['preset']]['solver']}]")
     g.add_argument("--true-sequential", action="store_true", help="compress a block's modules group by group in "
                    "forward order, each from the compressed groups' outputs [all from the dense block]")
+    g.add_argument("--reconstruct-epochs", type=int, default=None, help="epochs of block reconstruction: the kept "
+                   "weights of each block fitted to the dense block's outputs (mask fixed), 0 = off [the preset's: "
+                   f"{PRESETS[d['preset']]['reconstruct_epochs']}]")
+    g.add_argument("--reconstruct-lr", type=float, default=d["reconstruct_lr"], help="Adam learning rate of the "
+                   f"block reconstruction [{d['reconstruct_lr']}]")
     g.add_argument("--damp", type=float, default=d["damp"], help=f"Hessian damping, fraction of mean(diag H) "
                    f"[{d['damp']}]")
     g.add_argument("--block-size", type=int, default=d["block_size"], help=f"OBS column block [{d['block_size']}]")

@@ -24,14 +24,15 @@ QUANT_METHOD = "sparse_schedule"
 SCHEDULES = ("hessian", "uniform", "owl", "ramp")
 ERROR_METRICS = ("kl-alone", "obs")
 SOLVERS = ("sparsegpt", "refit", "admm")
-#: what a preset sets when ``solver`` / ``search_steps`` are not given (the search needs the ``hessian`` schedule;
-#: with another schedule a preset's search is off). Measured trade-offs: README, "Presets".
+#: what a preset sets when ``solver`` / ``search_steps`` / ``reconstruct_epochs`` are not given (the search needs the
+#: ``hessian`` schedule; with another schedule a preset's search is off). Measured trade-offs: README, "Presets".
 PRESETS = {
-    "sparsegpt": {"solver": "sparsegpt", "search_steps": 0},
-    "default": {"solver": "refit", "search_steps": 0},
-    "quality": {"solver": "admm", "search_steps": 8},
+    "sparsegpt": {"solver": "sparsegpt", "search_steps": 0, "reconstruct_epochs": 0},
+    "default": {"solver": "refit", "search_steps": 0, "reconstruct_epochs": 0},
+    "quality": {"solver": "admm", "search_steps": 8, "reconstruct_epochs": 3},
 }
 MAX_SEARCH_STEPS = 10_000
+MAX_RECONSTRUCT_EPOCHS = 1000
 HUB_DATASETS = ("wikitext2", "c4")
 SUPPORTED_BITS = (None, 4, 8)
 MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -176,9 +177,10 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             paper's local OBS loss, read literally: a baseline).
         probe_samples: calibration windows used to measure the schedule's statistics (dense pass).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
-        preset: ``"default"`` (``solver="refit"``, no search), ``"quality"`` (``solver="admm"`` and an allocation
-            search of 8 steps on the ``hessian`` schedule) or ``"sparsegpt"`` (the paper's solver, no search): the
-            values of ``solver`` and ``search_steps`` not given explicitly.
+        preset: ``"default"`` (``solver="refit"``, no search, no reconstruction), ``"quality"`` (``solver="admm"``,
+            an allocation search of 8 steps on the ``hessian`` schedule and 3 epochs of block reconstruction) or
+            ``"sparsegpt"`` (the paper's solver alone): the values of ``solver``, ``search_steps`` and
+            ``reconstruct_epochs`` not given explicitly.
         solver: the layer solver (default: the preset's): ``"sparsegpt"`` (the OBS scan of the paper), ``"refit"``
             (the scan's mask, its kept weights refitted exactly by conjugate gradients) or ``"admm"`` (the mask
             searched by ADMM with a growing penalty, as ALPS, then refitted). Per layer the refined result is kept
@@ -192,6 +194,14 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             forward (SparseGPT's paper, the default: measured, the gain shrinks with the ``refit``/``admm`` solvers,
             to a wash at 0.5, for +9% (refit) to +29% (the scan) CPU time at 2:4; README, "Presets and layer
             solvers").
+        reconstruct_epochs: epochs of block reconstruction after each block is compressed: Adam on the kept weights
+            (mask fixed, so sparsity and N:M pattern are unchanged; with ``bits`` rounded back onto the grid at the
+            end) so the compressed block's output on its inputs matches the dense model's output of that block; kept
+            only when it lowers the block's error on the calibration windows (see :mod:`.pipeline.reconstruct`).
+            0 = off; default: the preset's. Costs about ``3 x epochs + 3`` block forwards per window and block (a
+            backward counts as two) and a second stream of hidden states (the dense model's) beside the calibration
+            activations.
+        reconstruct_lr: Adam's learning rate of the block reconstruction (cosine decay to 0).
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             (weights included) resumes from the last finished block. Never written into config.json.
         max_device_memory: byte budget on the compute device (GPU) during compression: ``None`` (no cap), an int
@@ -253,6 +263,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         solver: str | None = None,
         search_steps: int | None = None,
         true_sequential: bool = False,
+        reconstruct_epochs: int | None = None,
+        reconstruct_lr: float = 1e-3,
         results: CompressionResults | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -284,6 +296,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         self.solver = solver
         self.search_steps = search_steps
         self.true_sequential = true_sequential
+        self.reconstruct_epochs = reconstruct_epochs
+        self.reconstruct_lr = reconstruct_lr
         self.results = results if isinstance(results, CompressionResults) else CompressionResults.from_dict(results)
         kwargs.pop("quant_method", None)
         if kwargs:
@@ -385,6 +399,16 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         elif steps and self.schedule != "hessian":
             raise _bad("search_steps", steps, f"0 with schedule={self.schedule!r} (the search refines the 'hessian' "
                        "schedule's allocation)")
+        epochs = self.reconstruct_epochs
+        if epochs is None:
+            self.reconstruct_epochs = chosen["reconstruct_epochs"]
+        elif isinstance(epochs, bool) or not isinstance(epochs, int) or not 0 <= epochs <= MAX_RECONSTRUCT_EPOCHS:
+            raise _bad("reconstruct_epochs", epochs, f"an integer from 0 (off) to {MAX_RECONSTRUCT_EPOCHS}")
+        lr = self.reconstruct_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr <= 1:
+            raise _bad("reconstruct_lr", lr, "a number with 0 < reconstruct_lr <= 1 (Adam's learning rate; 1e-3 by "
+                       "default)")
+        self.reconstruct_lr = float(lr)
 
     def _check_range(self) -> None:
         r = self.sparsity_range
@@ -479,6 +503,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         if "preset" not in config_dict:  # saved before presets existed: those runs used the SparseGPT scan
             config_dict["preset"] = "sparsegpt"
         config_dict.setdefault("true_sequential", False)  # saved before the option: blocks were solved at once
+        config_dict.setdefault("reconstruct_epochs", 0)  # saved before the option: no block reconstruction
         dataset = config_dict.get("dataset")
         if isinstance(dataset, str) and dataset not in HUB_DATASETS and not os.path.exists(dataset):
             config_dict["dataset"] = "wikitext2"  # a description ("<list of N texts>") or a path gone since

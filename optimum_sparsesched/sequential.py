@@ -3,11 +3,13 @@
 Data path: the plan (:mod:`.pipeline.plan`: which modules) -> calibration windows (:mod:`.pipeline.calibration`) ->
 block-0 inputs and every block's own arguments (:mod:`.pipeline.blocks`) -> the schedule (:mod:`.schedule`:
 per-module sparsities, measured on the dense model) -> for each block: Hessians ``H = 2XXᵀ/n`` of its modules from
-its current inputs (:mod:`.pipeline.hessians`), the OBS solve of every module (:func:`.obs.prune.prune`), and the
-compressed block produces the next block's inputs. Only the current block is on the compute device
-(:mod:`.pipeline.residency`), and only the current block is materialised when the weights are offloaded or streamed
-(every pass visits blocks through a :class:`.pipeline.sources.BlockSource`); finished blocks are checkpointed
-(:mod:`.pipeline.checkpoint`); under torch.distributed the work is shared (:mod:`.pipeline.distributed`).
+its current inputs (:mod:`.pipeline.hessians`), the OBS solve of every module (:func:`.obs.prune.prune`), with
+``reconstruct_epochs`` the block's kept weights fitted to the dense block's outputs (:mod:`.pipeline.reconstruct`:
+the dense model's hidden states advance beside the compressed ones), and the compressed block produces the next
+block's inputs. Only the current block is on the compute device (:mod:`.pipeline.residency`), and only the current
+block is materialised when the weights are offloaded or streamed (every pass visits blocks through a
+:class:`.pipeline.sources.BlockSource`); finished blocks are checkpointed (:mod:`.pipeline.checkpoint`); under
+torch.distributed the work is shared (:mod:`.pipeline.distributed`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .pipeline.digest import block_digest, outside_digest
 from .pipeline.distributed import DistributedContext, init_distributed
 from .pipeline.hessians import collect_block_hessians, input_groups
 from .pipeline.plan import CompressionPlan, plan_compression, set_weight_matrix, weight_matrix
+from .pipeline.reconstruct import reconstruct_block
 from .pipeline.residency import compute_device, decide_for_inputs, plan_residency, store
 from .pipeline.sources import BlockSink, BlockSource
 from .schedule.allocate import Allocation, allocate_sparsities, measures_damage, needs_statistics
@@ -174,6 +177,8 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
 
     # one refresh per finished block: the count, elapsed<remaining (ETA) and the running sum of OBS loss estimates
     progress = tqdm(total=len(plan.blocks), desc="sparsegpt", unit="block", mininterval=0)
+    # block reconstruction aims at the dense model's block outputs: the dense stream advances beside the compressed one
+    dense = [h.clone() for h in inputs.hidden] if config.reconstruct_epochs else None
     for index, block in enumerate(plan.blocks):
         modules = plan.modules[index]
         saved = checkpoint.load_block(manifest, index) if index < finished else None
@@ -182,6 +187,9 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
         with source.visit(index, block, device, updated=modules) as on:
             if checkpoint is not None and index >= finished and index not in digests:
                 digests[index] = block_digest(block)  # its weights before compression (materialised now)
+            if dense is not None:  # the dense block's outputs, before its weights are compressed or restored
+                dense = [store(run_block(block, h, inputs.args[index], inputs.kwargs[index], on, inputs.returns_tuple),
+                               h) for h in dense]
             if index < finished:
                 restore_block(modules, saved)
             else:
@@ -195,6 +203,11 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
                     losses.update(compress_block(part, accumulators, allocation.targets, config, on, kernel, ctx,
                                                  first=list(modules).index(names[0])))
                     del accumulators
+                if dense is not None:
+                    fit = reconstruct_block(block, modules, inputs, index, dense, on, config.reconstruct_epochs,
+                                            config.reconstruct_lr, ctx, config.seed, config.bits, config.group_size)
+                    logger.info("block %d reconstruction: output error %.4g -> %.4g%s", index, fit.before, fit.after,
+                                "" if fit.kept else " (not lower: the solver's weights kept)")
                 achieved.update({n: float((m.weight == 0).sum().item() / m.weight.numel())
                                  for n, m in modules.items()})
             for j, h in enumerate(inputs.hidden):

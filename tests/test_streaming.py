@@ -75,6 +75,9 @@ CASES = {
     "llama-quality-preset-search": ("llama", dict(sparsity=0.6, preset="quality", search_steps=2, **SMALL)),
     "opt-refit-2of4-int4": ("opt", dict(sparsity=0.5, pattern="2:4", bits=4, group_size=32, solver="refit",
                                         **UNIFORM)),
+    # block reconstruction: a dense stream beside the compressed one (bf16 Llama: float32 master weights)
+    "llama-reconstruct-2of4": ("llama", dict(sparsity=0.5, pattern="2:4", reconstruct_epochs=2, **UNIFORM)),
+    "opt-reconstruct-int4": ("opt", dict(sparsity=0.5, bits=4, group_size=32, reconstruct_epochs=2, **UNIFORM)),
 }
 
 
@@ -126,13 +129,15 @@ def kill_at_block_1(monkeypatch):
     return real_sink
 
 
-def test_resume_after_a_failure_and_out_untouched_until_complete(sharded, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reconstruct_epochs", [0, 2])  # 2: the resumed run rebuilds the dense stream
+def test_resume_after_a_failure_and_out_untouched_until_complete(reconstruct_epochs, sharded, tmp_path, monkeypatch):
     src = sharded("llama", num_hidden_layers=3)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "model.safetensors").write_bytes(b"an older checkpoint")
-    options = dict(sparsity=0.5, checkpoint_dir=str(tmp_path / "ckpt"), **UNIFORM)
+    options = dict(sparsity=0.5, checkpoint_dir=str(tmp_path / "ckpt"), reconstruct_epochs=reconstruct_epochs,
+                   **UNIFORM)
     real_sink = kill_at_block_1(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         osp.compress_checkpoint(src, out, options)
@@ -144,7 +149,8 @@ def test_resume_after_a_failure_and_out_untouched_until_complete(sharded, tmp_pa
 
     monkeypatch.setattr(streaming, "_block_sink", real_sink)
     osp.compress_checkpoint(src, out, options)  # resumes at block 2
-    osp.compress_checkpoint(src, tmp_path / "uninterrupted", dict(sparsity=0.5, **UNIFORM))
+    osp.compress_checkpoint(src, tmp_path / "uninterrupted", dict(sparsity=0.5, reconstruct_epochs=reconstruct_epochs,
+                                                                  **UNIFORM))
     assert_same_checkpoint(out, tmp_path / "uninterrupted", output_neutral=("checkpoint_dir",))
     assert (out / "notes.txt").read_text() == "mine"  # a file of the user's is kept
 

@@ -64,6 +64,14 @@ class DistributedContext:
         count = int(total.item())
         return weighted / max(count, 1), count
 
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``Σ_r tensor_r`` over all ranks (a new tensor; ``tensor`` itself when ``world == 1``)."""
+        if not self.enabled:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         """In-place broadcast of ``tensor`` from rank ``src``."""
         if not self.enabled:

@@ -28,14 +28,21 @@ rank; ``p`` = probe windows; ``k`` = damage streams of the schedule (1 for ``"he
   out, every module's output, float32 attention scores (eager attention; fused kernels need less), and the
   Hessian hook's float32 copies of one input;
 - schedule copy ``P_b = W_b`` when the schedule measures end-to-end damage (it prunes a copy of the block), else 0;
-- block phase ``= max_b (W_b + P_b + H_b + max(O_b, F_b))`` (the forward temporaries are freed before OBS runs);
+- block reconstruction (``reconstruct_epochs > 0``) ``R_b = (2e + 21)·Σ_m rows_m·cols_m + 3·F_b``: per weight the
+  solver's copy and the gradient in the model dtype, the float32 master copy, Adam's two moments, two float32
+  gradient copies and the mask byte; autograd's saved activations of one window's forward; it runs after the
+  Hessians are freed;
+- block phase ``= max_b (W_b + P_b + max(H_b + max(O_b, F_b), R_b))`` (the forward temporaries are freed before OBS
+  runs);
 - outside-block phase ``= E + W_0 + F_0 + 2·e·S·d + [k > 0]·4·3·S·V`` with ``E`` the bytes of the modules outside
   the blocks (embeddings, final norm, head, rotary tables): the capture (block 0 runs once there) and the damage
   measurement (logits, reference and perturbed log-probabilities of one window);
 - working set ``= max(block phase, outside-block phase)``: must be ≤ the budget;
 - activations ``A`` = the captured tensors as measured (hidden states of the ``n`` windows, the blocks' extra
   arguments, each distinct storage once) ``+ e·S·d·(1 + p·(2 + k·L))``: one block output in flight, and the
-  schedule's dense probe inputs/outputs and its ``k·L`` damage streams of ``p`` windows;
+  schedule's dense probe inputs/outputs and its ``k·L`` damage streams of ``p`` windows; with block
+  reconstruction ``+ 2·`` the captured hidden states (the dense model's stream beside them, and its next block's
+  outputs while they are computed);
 - activations on the device iff ``working set + A ≤ budget`` (no budget: the device's free memory on CUDA, always
   on CPU, where the compute device is the host memory anyway). Peak on the device: ``working set + A`` when they
   fit, else ``working set`` (the per-window copies are in ``F``).
@@ -113,10 +120,12 @@ class WorkingSet:
     forward: int
     schedule_copy: int
     outside_blocks: int
+    reconstruction: int = 0
 
     @property
     def block_phase(self) -> int:
-        return self.weights + self.schedule_copy + self.hessians + max(self.obs, self.forward)
+        return self.weights + self.schedule_copy + max(self.hessians + max(self.obs, self.forward),
+                                                       self.reconstruction)
 
     @property
     def total(self) -> int:
@@ -126,6 +135,8 @@ class WorkingSet:
         return (f"block {self.block}: weights {format_bytes(self.weights)} + Hessians {format_bytes(self.hessians)} "
                 f"+ max(OBS copy {format_bytes(self.obs)}, one window's forward {format_bytes(self.forward)})"
                 + (f" + the schedule's pruned copy {format_bytes(self.schedule_copy)}" if self.schedule_copy else "")
+                + (f" (block reconstruction {format_bytes(self.reconstruction)} after the Hessians are freed)"
+                   if self.reconstruction else "")
                 + f"; outside-block phase {format_bytes(self.outside_blocks)}")
 
 
@@ -162,21 +173,26 @@ def estimate_working_set(model: nn.Module, blocks: nn.ModuleList, modules: list[
         forward = e * S * (2 * d + sum(r for r, _ in shapes)) + FLOAT32 * heads * S * S + FLOAT32 * 2 * S * max_cols
         if index == 0:
             forward0 = weights + forward
-        ws = WorkingSet(index, weights, hessians, obs, forward, weights if damage_streams else 0, 0)
+        reconstruction = ((2 * e + 21) * sum(r * c for r, c in shapes) + 3 * forward
+                          if getattr(config, "reconstruct_epochs", 0) else 0)
+        ws = WorkingSet(index, weights, hessians, obs, forward, weights if damage_streams else 0, 0, reconstruction)
         if best is None or ws.block_phase > best.block_phase:
             best = ws
     assert best is not None
     outside = sum(module_bytes(m) for m in non_block_modules(model, {id(b) for b in blocks}))
     outside += forward0 + 2 * e * S * d + (FLOAT32 * 3 * S * vocab if damage_streams else 0)
-    return WorkingSet(best.block, best.weights, best.hessians, best.obs, best.forward, best.schedule_copy, outside)
+    return WorkingSet(best.block, best.weights, best.hessians, best.obs, best.forward, best.schedule_copy, outside,
+                      best.reconstruction)
 
 
-def activation_bytes(inputs: BlockInputs, probe_windows: int, damage_streams: int) -> int:
-    """``A`` of the module docstring: the captured tensors as stored, plus one output in flight and the schedule's
-    probe windows (dense inputs/outputs and ``damage_streams`` (= k) × L damage streams)."""
+def activation_bytes(inputs: BlockInputs, probe_windows: int, damage_streams: int, reconstruct: bool = False) -> int:
+    """``A`` of the module docstring: the captured tensors as stored, plus one output in flight, the schedule's
+    probe windows (dense inputs/outputs and ``damage_streams`` (= k) × L damage streams) and, with ``reconstruct``,
+    two more copies of the hidden states (the dense stream and its next outputs)."""
     window = max((h.numel() * h.element_size() for h in inputs.hidden), default=0)
     captured = tensor_bytes(_tensors([inputs.hidden, inputs.args, inputs.kwargs]))
-    return captured + window * (1 + probe_windows * (2 + damage_streams * len(inputs.args)))
+    dense = 2 * tensor_bytes(inputs.hidden) if reconstruct else 0
+    return captured + dense + window * (1 + probe_windows * (2 + damage_streams * len(inputs.args)))
 
 
 # ---------------------------------------------------------------------------------------------- the decision
@@ -278,7 +294,8 @@ def plan_residency(model: nn.Module, plan: CompressionPlan, config: Any, damage_
 def decide_for_inputs(inputs: BlockInputs, working: WorkingSet, config: Any, device: torch.device,
                       probe_windows: int, damage_streams: int) -> Residency:
     """After the capture: decide where the activations live, move them there, and log the figures."""
-    residency = decide_residency(working.total, activation_bytes(inputs, probe_windows, damage_streams),
+    residency = decide_residency(working.total, activation_bytes(inputs, probe_windows, damage_streams,
+                                                                 bool(getattr(config, "reconstruct_epochs", 0))),
                                  config.max_device_memory_bytes, device, free_device_memory(device),
                                  detail=working.describe())
     place_activations(inputs, residency)

@@ -140,6 +140,9 @@ def _summary(qc: Mapping[str, Any], achieved: float, base_model: str | None, wei
         text += f", refined by {qc['search_steps']} steps of allocation search"
     if qc.get("true_sequential"):
         text += ", each block's modules group by group in forward order (true sequential)"
+    if qc.get("reconstruct_epochs"):
+        text += (f", each block's kept weights then fitted to the dense block's outputs ({qc['reconstruct_epochs']} "
+                 "epochs of block reconstruction)")
     if qc.get("bits"):
         grid = "per output channel" if qc.get("group_size") == -1 else f"group size {qc.get('group_size')}"
         text += (f", its kept weights GPTQ-quantized to INT{qc['bits']} ({grid}, "

@@ -154,6 +154,9 @@ def test_card_metadata_for_patterns_bits_hub_datasets_and_local_bases():
     assert "true sequential" not in card.text
     qc.true_sequential = True
     assert "group by group in forward order (true sequential)" in build_model_card(qc, sizes=sizes).text
+    assert "block reconstruction" not in card.text
+    qc.reconstruct_epochs = 3
+    assert "fitted to the dense block's outputs (3 epochs of block reconstruction)" in build_model_card(qc, sizes=sizes).text
     assert base_model_id("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert base_model_id(str(CALIBRATION_TEXT)) is None and base_model_id("") is None
     with pytest.raises(ValueError, match="layer_sparsities"):

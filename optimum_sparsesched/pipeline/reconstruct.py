@@ -1,0 +1,134 @@
+"""Block reconstruction: after a block's modules are compressed, a few epochs of Adam on their kept weights (the
+mask fixed) so that the compressed block reproduces the dense model's output of that block.
+
+Objective, per calibration window ``j`` (hidden states ``[1, S, d]``)::
+
+    ℓ_j(Ŵ) = ‖f_b(Ŵ; X̂_j) − Y_j‖² / ‖Y_j‖²,        Y_j = f_b(W; X_j)
+
+with ``X̂_j`` the window's input to block ``b`` in the compressed model (the stream the sequential pass carries),
+``X_j`` its input in the dense model (a second stream carried beside it) and ``f_b`` the whole block (norms,
+attention, MLP, residuals). The OBS solve minimises ``‖W X̂ − Ŵ X̂‖²`` for every Linear alone; this objective sees
+how the block's modules act together and aims at the dense activations, so it also corrects part of the error the
+blocks before it left in ``X̂`` (block-wise reconstruction as in EBFT, Guo et al. 2024).
+
+- **Mask.** ``M = (Ŵ ≠ 0)`` after the OBS solve; every gradient is multiplied by ``M`` and the weights are masked
+  after every step: the sparsity, and any N:M pattern, stay exactly those of the solve.
+- **Optimiser.** Adam (learning rate ``lr``, cosine decay to 0 over ``epochs × windows`` steps), one window per step,
+  on float32 master copies of the weights whatever the model dtype (the forward runs in the model dtype).
+- **Quantized weights** (``bits``): at the end every weight is rounded back onto its module's grid (the grid of the
+  OBS solve, unchanged), so the stored codes still describe the weights exactly.
+- **Guard.** The mean ``ℓ`` over all windows is measured before and after; the new weights are kept only if it is
+  lower, else the solve's weights are restored: never worse than the OBS result on the calibration windows.
+- **Distributed.** Every rank runs its own windows; each step's gradients are summed over the ranks (ranks with
+  fewer windows add zeros), so all ranks take identical steps and keep identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..obs.grid import dequantize, module_grid
+from .blocks import BlockInputs, run_block
+from .distributed import DistributedContext
+from .plan import is_transposed, weight_matrix
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The block's mean relative output error ``ℓ`` before and after, and whether the new weights were kept."""
+
+    before: float
+    after: float
+    kept: bool
+
+
+def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    target = target.detach().to(out.device, torch.float32)
+    return ((out.float() - target) ** 2).sum() / (target**2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _on_grid(module: nn.Module, w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``w`` ``[rows, cols]`` (float32) rounded onto the module's ``bits``-bit grids ``(scale, zero)``
+    ``[rows, groups]`` (columns in consecutive groups of ``group_size``; ``-1``: one group per row)."""
+    scale, zero = (t.to(w.device) for t in module_grid(module))
+    size = w.shape[1] if group_size == -1 else group_size
+    scale = scale.repeat_interleave(size, dim=1)[:, : w.shape[1]]
+    zero = zero.repeat_interleave(size, dim=1)[:, : w.shape[1]]
+    return dequantize(torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1), scale, zero)
+
+
+@torch.no_grad()
+def reconstruct_block(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs, index: int,
+                      targets: list[torch.Tensor], device: torch.device | str, epochs: int, lr: float,
+                      ctx: DistributedContext, seed: int = 0, bits: int | None = None,
+                      group_size: int = -1) -> Reconstruction:
+    """Adjust the kept weights of ``modules`` (block ``index``, already compressed) in place so that the block's
+    output on ``inputs.hidden`` (its compressed-model inputs) approaches ``targets`` (the dense block's outputs on
+    the dense inputs), ``epochs`` passes over the windows. Returns the errors before and after."""
+    weights = [m.weight for m in modules.values()]
+    if not weights:
+        return Reconstruction(0.0, 0.0, False)
+    masks = [w != 0 for w in weights]
+    saved = [w.detach().clone() for w in weights]
+    masters = [w.detach().float() * m for w, m in zip(weights, masks)]
+    args, kwargs, returns_tuple = inputs.args[index], inputs.kwargs[index], inputs.returns_tuple
+
+    def window_error(j: int) -> torch.Tensor:
+        return _relative_error(run_block(block, inputs.hidden[j], args, kwargs, device, returns_tuple), targets[j])
+
+    def mean_error() -> float:
+        local = torch.tensor([sum(float(window_error(j)) for j in range(len(inputs.hidden))),
+                              float(len(inputs.hidden))], dtype=torch.float64, device=masters[0].device)
+        total = ctx.all_reduce_sum(local)
+        return float(total[0] / total[1].clamp_min(1))
+
+    before = mean_error()
+    steps_per_epoch = max(ctx.merge_dicts({ctx.rank: len(inputs.hidden)}).values())
+    total_steps = max(epochs * steps_per_epoch, 1)
+    optimizer = torch.optim.Adam(masters, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    generator = torch.Generator().manual_seed((seed + index) % 2**63)
+    requires = {p: p.requires_grad for p in block.parameters()}
+    try:
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        for _ in range(epochs):
+            order = torch.randperm(steps_per_epoch, generator=generator).tolist()
+            for j in order:
+                contributes = j < len(inputs.hidden)
+                if contributes:
+                    with torch.enable_grad():
+                        window_error(j).backward()
+                grads = [(w.grad.float() * m) if contributes else torch.zeros_like(s)
+                         for w, m, s in zip(weights, masks, masters)]
+                count = ctx.all_reduce_sum(torch.tensor([float(contributes)], dtype=torch.float64,
+                                                        device=masters[0].device))
+                for master, grad in zip(masters, grads):
+                    master.grad = ctx.all_reduce_sum(grad) / float(count.clamp_min(1))
+                optimizer.step()
+                schedule.step()
+                for w, master, m in zip(weights, masters, masks):
+                    master.mul_(m)
+                    w.grad = None
+                    w.data.copy_(master)
+    finally:
+        for w in weights:
+            w.grad = None
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    if bits is not None:
+        for module, w, m in zip(modules.values(), weights, masks):
+            rounded = _on_grid(module, weight_matrix(module).float(), bits, group_size)
+            w.data.copy_((rounded.t() if is_transposed(module) else rounded) * m)
+    after = mean_error()
+    kept = after < before and all(bool(torch.isfinite(w).all()) for w in weights)
+    if not kept:
+        for w, s in zip(weights, saved):
+            w.data.copy_(s)
+    return Reconstruction(before, after if kept else before, kept)
