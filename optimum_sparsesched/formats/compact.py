@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..obs.grid import dequantize, module_grid
+from ..obs.grid import column_groups, dequantize, module_grid
 from ..pipeline.plan import weight_matrix
 
 SUFFIXES = ("weight_mask", "weight_values", "weight_codes", "weight_scale", "weight_zero")
@@ -78,13 +78,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:count]
 
 
-def _column_groups(cols: int, group_size: int, device: torch.device) -> torch.Tensor:
-    """Group index of every input column ``[cols]``: ``c // group_size``, all 0 for ``group_size=-1``."""
-    if group_size == -1:
-        return torch.zeros(cols, dtype=torch.long, device=device)
-    return torch.arange(cols, device=device) // group_size
-
-
 def grid_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                group_size: int) -> torch.Tensor:
     """The grid codes ``q`` (uint8 ``[rows, cols]``) of a weight written by the OBS pass, i.e. with
@@ -95,7 +88,7 @@ def grid_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     a weight is not on its grid (never written silently)."""
     w = weight.detach()
     rows, cols = w.shape
-    g = _column_groups(cols, group_size, w.device)
+    g = column_groups(cols, group_size, w.device)
     s = scale.to(w.device, torch.float32)[:, g]
     z = zero.to(w.device, torch.float32)[:, g]
     guess = torch.round(w.to(torch.float32) / s) + z
@@ -224,7 +217,7 @@ def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtyp
     else:
         zero = unpack_codes(tensors["weight_zero"], bits, rows * groups).to(torch.float32).view(rows, groups)
     rows_idx, cols_idx = mask.nonzero(as_tuple=True)
-    g = _column_groups(cols, group_size, mask.device)[cols_idx]
+    g = column_groups(cols, group_size, mask.device)[cols_idx]
     codes = unpack_codes(tensors["weight_codes"], bits, rows_idx.numel())
     weight[mask] = dequantize(codes, scale[rows_idx, g], zero[rows_idx, g]).to(dtype)
     return weight, (scale, zero)

@@ -28,6 +28,19 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return scale * (codes.to(torch.float32) - zero)
 
 
+def column_groups(cols: int, group_size: int, device: torch.device | str) -> torch.Tensor:
+    """Group index of every input column ``[cols]``: ``c // group_size``, all 0 for ``group_size=-1``."""
+    if group_size == -1:
+        return torch.zeros(cols, dtype=torch.long, device=device)
+    return torch.arange(cols, device=device) // group_size
+
+
+def round_onto_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """``w`` rounded to its nearest grid value ``scale · (clamp(round(w / scale) + zero, 0, maxq) - zero)``
+    (``scale``, ``zero`` broadcast against ``w``), in float32."""
+    return dequantize(torch.clamp(torch.round(w / scale) + zero, 0, maxq), scale, zero)
+
+
 class QuantGrid:
     """Per-row grid parameters for ``bits``-bit quantization. Shapes: ``scale``, ``zero`` are ``[rows, 1]``."""
 
@@ -67,8 +80,7 @@ class QuantGrid:
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Round ``w`` ``[rows, k]`` onto the grid (returns dequantized float values)."""
         assert self.scale is not None and self.zero is not None, "find_params first"
-        q = torch.clamp(torch.round(w / self.scale) + self.zero, 0, self.maxq)
-        return dequantize(q, self.scale, self.zero)
+        return round_onto_grid(w, self.scale, self.zero, self.maxq)
 
 
 #: Attribute of a compressed module that holds its quantization grids ``(scale, zero)``, float32 ``[rows, groups]`` on

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..obs.grid import dequantize, module_grid
+from ..obs.grid import column_groups, module_grid, round_onto_grid
 from .blocks import BlockInputs, run_block
 from .distributed import DistributedContext
 from .plan import is_transposed, weight_matrix
@@ -54,11 +54,9 @@ def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def _on_grid(module: nn.Module, w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """``w`` ``[rows, cols]`` (float32) rounded onto the module's ``bits``-bit grids ``(scale, zero)``
     ``[rows, groups]`` (columns in consecutive groups of ``group_size``; ``-1``: one group per row)."""
-    scale, zero = (t.to(w.device) for t in module_grid(module))
-    size = w.shape[1] if group_size == -1 else group_size
-    scale = scale.repeat_interleave(size, dim=1)[:, : w.shape[1]]
-    zero = zero.repeat_interleave(size, dim=1)[:, : w.shape[1]]
-    return dequantize(torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1), scale, zero)
+    g = column_groups(w.shape[1], group_size, w.device)
+    scale, zero = (t.to(w.device)[:, g] for t in module_grid(module))
+    return round_onto_grid(w, scale, zero, 2**bits - 1)
 
 
 @torch.no_grad()
