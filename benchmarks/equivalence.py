@@ -4,11 +4,15 @@ tensor: the check that a refactoring (or another entry point) gives bit-identica
     python benchmarks/equivalence.py run MODEL_DIR OUT_A          # before the change
     python benchmarks/equivalence.py run MODEL_DIR OUT_B          # after it
     python benchmarks/equivalence.py compare OUT_A OUT_B          # exit 0 iff every saved tensor is identical
-    python benchmarks/equivalence.py run MODEL_DIR OUT_S --stream # the same through compress_checkpoint
+    python benchmarks/equivalence.py run MODEL_DIR OUT_S --mode stream   # through compress_checkpoint
+    python benchmarks/equivalence.py run MODEL_DIR OUT_O --mode offload  # blocks offloaded to disk by accelerate
 
-The configurations cover the default Hessian schedule (unstructured), OWL, N:M with joint INT4 and a symmetric
-INT8 per-channel grid, on a short calibration (8 windows of 256 tokens of the shipped text) so a run takes a few
-minutes on a CPU.
+The configurations cover the default preset on the Hessian schedule (unstructured), the quality preset with joint
+INT4 (ADMM, allocation search, block reconstruction), OWL, N:M with joint INT4 and a symmetric INT8 per-channel
+grid, on a short calibration (8 windows of 256 tokens of the shipped text) so a run takes a few minutes on a CPU.
+Three entry points (``--mode``): ``memory`` (``from_pretrained(..., quantization_config=cfg).save_pretrained``),
+``offload`` (the same with every decoder block on ``"disk"`` through a ``device_map``) and ``stream``
+(``compress_checkpoint``, one block in memory).
 """
 
 from __future__ import annotations
@@ -22,15 +26,22 @@ import torch
 
 CONFIGS = {
     "hessian-0.7": dict(sparsity=0.7),
+    "quality-0.7-int4": dict(sparsity=0.7, preset="quality", bits=4, group_size=128),
     "owl-0.6": dict(sparsity=0.6, schedule="owl"),
     "2of4-int4": dict(sparsity=0.5, pattern="2:4", bits=4, group_size=128),
     "uniform-0.5-int8-sym": dict(sparsity=0.5, schedule="uniform", bits=8, group_size=-1, sym=True),
 }
 
 
-def run(model_dir: str, out: Path, names: list[str], stream: bool = False) -> None:
-    """Compress with each configuration and save; ``stream``: checkpoint to checkpoint with ``compress_checkpoint``
-    (one block in memory) instead of ``from_pretrained(..., quantization_config=cfg).save_pretrained``."""
+def offload_device_map(model_dir: str) -> dict[str, str]:
+    """Every decoder block on ``"disk"``, the rest on ``"cpu"``."""
+    from optimum_sparsesched.streaming import streaming_device_map
+
+    return streaming_device_map(Path(model_dir))
+
+
+def run(model_dir: str, out: Path, names: list[str], mode: str = "memory") -> None:
+    """Compress with each configuration and save, through the entry point ``mode`` (see the module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import optimum_sparsesched as osp
@@ -40,10 +51,13 @@ def run(model_dir: str, out: Path, names: list[str], stream: bool = False) -> No
     for name in names:
         cfg = osp.SparseScheduleConfig(dataset=str(calibration), num_samples=8, seq_len=256, probe_samples=2,
                                        **CONFIGS[name])
-        if stream:
+        if mode == "stream":
             osp.compress_checkpoint(model_dir, out / name, cfg, tokenizer=tok, dtype=torch.float32)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=cfg)
+            placement = {} if mode == "memory" else dict(device_map=offload_device_map(model_dir),
+                                                         offload_folder=str(out / f"{name}-offload"))
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=cfg,
+                                                         **placement)
             model.save_pretrained(out / name)
             tok.save_pretrained(out / name)
         print(f"saved {out / name}", flush=True)
@@ -60,7 +74,7 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def compare(a: Path, b: Path) -> int:
     bad = 0
-    for folder in sorted(p for p in a.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in a.iterdir() if p.is_dir() and not p.name.endswith("-offload")):
         ta, tb = load_tensors(folder), load_tensors(b / folder.name)
         if set(ta) != set(tb):
             print(f"{folder.name}: tensor names differ: {sorted(set(ta) ^ set(tb))[:5]}")
@@ -83,13 +97,14 @@ def main() -> int:
     r.add_argument("model_dir")
     r.add_argument("out", type=Path)
     r.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
-    r.add_argument("--stream", action="store_true", help="through compress_checkpoint (one block in memory)")
+    r.add_argument("--mode", default="memory", choices=["memory", "offload", "stream"],
+                   help="entry point: in memory, blocks offloaded to disk, or compress_checkpoint")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.model_dir, a.out, a.configs, a.stream)
+        run(a.model_dir, a.out, a.configs, a.mode)
         return 0
     return compare(a.a, a.b)
 
