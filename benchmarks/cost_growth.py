@@ -74,8 +74,8 @@ def one(hidden: int, layers: int, num_samples: int, seq_len: int) -> dict:
     model = LlamaForCausalLM(llama_config(hidden, layers)).eval()
     cfg = osp.SparseScheduleConfig(sparsity=0.5, schedule="uniform", dataset=[DATA.read_text(encoding="utf-8")],
                                    num_samples=num_samples, seq_len=seq_len)
-    plan = plan_compression(model, cfg)
-    working = estimate_working_set(model, plan.blocks, plan.modules, cfg, 0).total
+    plan = plan_compression(model, cfg.plan_spec())
+    working = estimate_working_set(model, plan.blocks, plan.modules, cfg.residency_spec()).total
     window_bytes = seq_len * hidden * 4
     device = compute_device()
     if device.type == "cuda":

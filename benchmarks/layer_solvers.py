@@ -42,26 +42,29 @@ def capture(model_path: str, blocks: list[int], num_samples: int, seq_len: int) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_sparsesched import SparseScheduleConfig
-    from optimum_sparsesched.pipeline.blocks import capture_block_inputs, run_block
+    from optimum_sparsesched.pipeline.blocks import capture_block_inputs
     from optimum_sparsesched.pipeline.calibration import calibration_windows
     from optimum_sparsesched.pipeline.hessians import collect_block_hessians
     from optimum_sparsesched.pipeline.plan import plan_compression, weight_matrix
+    from optimum_sparsesched.pipeline.sources import BlockSource
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     config = SparseScheduleConfig(schedule="uniform", dataset=wikitext_calibration_text(), num_samples=num_samples,
                                   seq_len=seq_len)
-    plan = plan_compression(model, config)
+    plan = plan_compression(model, config.plan_spec())
     inputs = capture_block_inputs(model, calibration_windows(config.dataset, tokenizer, num_samples, seq_len, 0),
                                   "cpu")
+    source = BlockSource(plan, inputs)
     layers = {}
-    for i, block in enumerate(plan.blocks[: max(blocks) + 1]):
-        if i in blocks:
-            hessians = collect_block_hessians(block, plan.modules[i], inputs, i, "cpu")
-            for name, module in plan.modules[i].items():
-                layers[name] = (weight_matrix(module).detach().clone(), hessians[name].H.clone())
-        for j, hidden in enumerate(inputs.hidden):
-            inputs.hidden[j] = run_block(block, hidden, inputs.args[i], inputs.kwargs[i], "cpu", inputs.returns_tuple)
+    for i in range(max(blocks) + 1):
+        with source.visit(i, "cpu") as visit:
+            if i in blocks:
+                hessians = collect_block_hessians(visit, inputs.hidden)
+                for name, module in visit.modules.items():
+                    layers[name] = (weight_matrix(module).detach().clone(), hessians[name].H.clone())
+            for j, hidden in enumerate(inputs.hidden):
+                inputs.hidden[j] = visit.forward(hidden)
     return layers
 
 

@@ -46,7 +46,7 @@ def main() -> None:
         sys.exit("obs_speed.py measures the GPU kernel: it needs CUDA (and the triton package)")
     from transformers import AutoTokenizer
 
-    from optimum_sparsesched.obs import KERNEL_ENV
+    from optimum_sparsesched.obs.prune import KERNEL_ENV
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     texts = wikitext_calibration_text(CALIBRATION_FILE)

@@ -36,12 +36,6 @@ ROWS = {
     "default": dict(preset="default"),
     "hessian-admm": dict(schedule="hessian", solver="admm", search_steps=0),
     "quality": dict(preset="quality"),
-    # true_sequential: every group of a block from the compressed groups before it (GPTQ's option)
-    "uniform-sparsegpt-trueseq": dict(schedule="uniform", preset="sparsegpt", true_sequential=True),
-    "uniform-refit-trueseq": dict(schedule="uniform", solver="refit", true_sequential=True),
-    "uniform-admm-trueseq": dict(schedule="uniform", solver="admm", true_sequential=True),
-    "default-trueseq": dict(preset="default", true_sequential=True),
-    "quality-trueseq": dict(preset="quality", true_sequential=True),
     # block reconstruction: the kept weights of every block fitted to the dense block's outputs (3 epochs)
     "uniform-sparsegpt-rec": dict(schedule="uniform", preset="sparsegpt", reconstruct_epochs=3),
     "uniform-refit-rec": dict(schedule="uniform", solver="refit", reconstruct_epochs=3),

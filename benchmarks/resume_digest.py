@@ -45,6 +45,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import optimum_sparsesched.pipeline.checkpoint as checkpoint
+    import optimum_sparsesched.pipeline.resume as resume
     import optimum_sparsesched.sequential as sequential
     from optimum_sparsesched import SparseScheduleConfig, compress
 
@@ -52,10 +53,10 @@ def main() -> None:
     hessian_s: list[float] = []
     solve_s: list[float] = []
     file_sha_s: list[float] = []
-    sequential.block_digest = timed(digest_s, sequential.block_digest)
+    resume.block_digest = timed(digest_s, resume.block_digest)
     sequential.collect_block_hessians = timed(hessian_s, sequential.collect_block_hessians)
-    sequential.compress_block = timed(solve_s, sequential.compress_block)
-    checkpoint._sha256_file = timed(file_sha_s, checkpoint._sha256_file)
+    sequential.solve_block = timed(solve_s, sequential.solve_block)
+    checkpoint.file_sha256 = timed(file_sha_s, checkpoint.file_sha256)
 
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))

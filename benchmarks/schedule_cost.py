@@ -36,7 +36,7 @@ def main() -> None:
     from optimum_sparsesched.pipeline.calibration import calibration_windows
     from optimum_sparsesched.pipeline.plan import plan_compression
     from optimum_sparsesched.pipeline.residency import compute_device
-    from optimum_sparsesched.schedule.allocate import allocate_sparsities, measures_damage
+    from optimum_sparsesched.schedule.allocate import allocate_sparsities
     from optimum_sparsesched.schedule.statistics import measure_layer_statistics
 
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -44,12 +44,12 @@ def main() -> None:
     cfg = SparseScheduleConfig(sparsity=a.sparsity, dataset=wikitext_calibration_text(), num_samples=a.probe_samples,
                                seq_len=a.seq_len, probe_samples=a.probe_samples, error_metric=a.error_metric)
     device = compute_device()
-    plan = plan_compression(model, cfg)
+    plan = plan_compression(model, cfg.plan_spec())
     windows = calibration_windows(cfg.dataset, tok, cfg.num_samples, cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()
     inputs = capture_block_inputs(model, windows, device)
-    stats = measure_layer_statistics(model, plan, inputs, windows, cfg, device, measures_damage(cfg))
-    allocate_sparsities(plan, cfg, stats)
+    stats = measure_layer_statistics(model, plan, inputs, windows, cfg.schedule_spec(), device)
+    allocate_sparsities(plan, cfg.schedule_spec(), stats)
     seconds = time.perf_counter() - t0
     print(json.dumps({"schedule_measurement_s": seconds, "probe_samples": a.probe_samples, "seq_len": a.seq_len,
                       "device": str(device), "threads": torch.get_num_threads(),

@@ -92,7 +92,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import optimum_sparsesched as osp
-    from optimum_sparsesched.semi_structured import two_four_linears
+    from optimum_sparsesched.formats.semi_structured import two_four_linears
 
     dtype = getattr(torch, a.dtype)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).cuda().eval()

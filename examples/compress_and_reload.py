@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import optimum_sparsesched as osp
-from optimum_sparsesched.default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
+from optimum_sparsesched.cli.default_model import CALIBRATION_TEXT, EVALUATION_TEXT, load_default_model
 from optimum_sparsesched.eval.perplexity import perplexity_report
 
 

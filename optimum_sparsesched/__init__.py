@@ -4,10 +4,12 @@
 ``AutoModelForCausalLM.from_pretrained(path, quantization_config=SparseScheduleConfig(...))`` compresses on load
 and ``from_pretrained(saved_folder)`` reloads a compressed checkpoint.
 
-The package is laid out along the data path: :mod:`.config` (options) -> :mod:`.quantizer` (transformers glue)
--> :mod:`.sequential` (the block loop) over :mod:`.pipeline` (plan, calibration, block capture, Hessians, device
-residency, checkpoints, distributed) -> :mod:`.schedule` (per-layer sparsities) -> :mod:`.obs` (the OBS solve of
-one layer) -> :mod:`.formats` (checkpoint layouts) -> :mod:`.publish` (save, model card, Hub); :mod:`.eval` measures.
+The stages, from the top: :mod:`.cli` (the command line) -> :mod:`.quantizer` / :mod:`.streaming` (entry points)
+-> :mod:`.publish` (the checkpoint writer, save, model card, Hub) -> :mod:`.eval` (measures) -> :mod:`.sequential`
+(the block loop) -> :mod:`.config` (options, and each stage's spec) -> :mod:`.schedule` (per-layer sparsities) ->
+:mod:`.formats` (checkpoint layouts) -> :mod:`.pipeline` (plan, calibration, the block visit, Hessians, residency,
+resume, distributed) -> :mod:`.obs` (the OBS solve of one layer, and block reconstruction). Each imports only from
+the stages after it (README, "Architecture").
 """
 
 from pathlib import Path

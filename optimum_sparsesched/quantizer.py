@@ -12,11 +12,12 @@ Load phases (transformers ``HfQuantizer``; what the base class does is not repea
   key that makes plain transformers refuse a compact checkpoint is marked as expected.
 - load operations (``get_load_operations``): a compact checkpoint (:mod:`.formats.compact`) stores each compressed
   weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact_load.CompactDeserialize`
-  checks and rebuilds the dense weight bit for bit while the checkpoint loads.
+  checks and rebuilds the dense weight bit for bit while the checkpoint loads, its grid into ``grids``.
 - ``_process_model_after_weight_loading``: for a model that is not yet compressed, calibrate and compress it now
   (:func:`.sequential.compress_blocks`); then give the model this package's save (:mod:`.publish.save`).
-- saving (``get_state_dict_and_metadata``): the compact tensors, the compressed-tensors ``pack-quantized`` ones
-  (:mod:`.formats.compressed_tensors`), or the dense state dict for ``export_format="dense"``; every weight file's
+- saving (``get_state_dict_and_metadata``, what a plain ``type(model).save_pretrained`` uses; the model's own
+  ``save_pretrained`` is this package's block-by-block writer, :mod:`.publish.save`): the state dict with every
+  compressed module encoded in ``export_format`` (:func:`.formats.encode.encoded_state_dict`); every weight file's
   header records the writer, the format, the grid and the results (:func:`.formats.metadata.weights_metadata`).
 """
 
@@ -29,13 +30,15 @@ import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer
 
-from .sequential import compress_blocks
 from .config import SparseScheduleConfig
-from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES, compact_state_dict
-from .formats.compact_load import CompactDeserialize
+from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES
+from .formats.compact_load import CompactDeserialize, check_all_loaded
+from .formats.encode import encoded_state_dict
 from .formats.metadata import check_weights_metadata, weights_metadata
+from .formats.spec import ExportSpec
 from .pipeline.offload import has_offloaded_weights
 from .publish.save import install_save
+from .sequential import compress_blocks
 
 
 class SparseScheduleQuantizer(HfQuantizer):
@@ -43,6 +46,11 @@ class SparseScheduleQuantizer(HfQuantizer):
 
     requires_calibration = False
     quantization_config: SparseScheduleConfig
+
+    @property
+    def export_spec(self) -> ExportSpec:
+        """How the compressed weights are (to be) stored: the config's ``export_format`` and grid."""
+        return self.quantization_config.export_spec()
 
     def update_device_map(self, device_map: dict[str, Any] | None) -> dict[str, Any] | None:
         if device_map is None and not self.pre_quantized:
@@ -52,7 +60,12 @@ class SparseScheduleQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
-            check_weights_metadata(checkpoint_files or (), self.quantization_config)
+            config = self.quantization_config
+            check_weights_metadata(checkpoint_files or (), config.export_spec(), config.results.layer_sparsities,
+                                   config.options_dict())
+            loading = getattr(model.config, "quantization_config", None)
+            if isinstance(loading, SparseScheduleConfig):  # the load operations write the decoded grids there; the
+                loading.results.grids = config.results.grids  # model keeps this quantizer's config: share one dict
             ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             model._keys_to_ignore_on_load_unexpected = ignored | {re.escape(REQUIRES_PLUGIN_KEY)}
         return model
@@ -60,6 +73,8 @@ class SparseScheduleQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.pre_quantized:
             compress_blocks(model, self.quantization_config)
+        else:
+            check_all_loaded(model, self.quantization_config.results.layer_sparsities)
         install_save(model)
         return model
 
@@ -77,14 +92,11 @@ class SparseScheduleQuantizer(HfQuantizer):
             raise ValueError("save_pretrained: the weights of this compressed model are offloaded by accelerate; save "
                              "it with model.save_pretrained(folder), this package's save, which writes it block by "
                              "block (type(model).save_pretrained cannot encode weights that are not loaded)")
-        metadata = weights_metadata(config)
-        if config.export_format == "dense":
+        spec = config.export_spec()
+        metadata = weights_metadata(spec, config.results.layer_sparsities, config.options_dict())
+        if spec.format == "dense":
             return None, metadata
-        if config.export_format == "compressed-tensors":
-            from .formats.compressed_tensors import compressed_tensors_state_dict
-
-            return compressed_tensors_state_dict(model, config), metadata
-        return compact_state_dict(model, config), metadata
+        return encoded_state_dict(model, spec, config.results.layer_sparsities, config.results.grids), metadata
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True

@@ -9,11 +9,13 @@ into ``out`` without ever holding the model in memory:
    checkpoint's own shards, so a block's tensors are read lazily (safetensors ``safe_open``) when it is visited,
    and ``src`` is never written;
 2. the block loop (:func:`.sequential.compress_blocks`) visits one block at a time (:mod:`.pipeline.sources`):
-   calibration capture, the schedule's measurement pass, then per block Hessians → OBS; each compressed block is
-   handed to a sink that encodes it in ``export_format`` (:func:`.publish.export.block_part`) and appends it to
-   the output shards (:class:`.publish.shards.ShardWriter`), then released;
+   calibration capture, the schedule's measurement pass, then per block Hessians → OBS; each compressed block's
+   visit is handed to the checkpoint writer (:meth:`.publish.writer.CheckpointWriter.add_block`, the writer every
+   save uses), which encodes it in ``export_format`` and appends it to the output shards, then released;
 3. the tensors outside the blocks, the shard index, ``config.json`` (with the ``quantization_config`` and its
-   results), ``generation_config.json``, the tokenizer and the model card are written at the end.
+   results) and ``generation_config.json`` are written at the end (:meth:`.publish.writer.CheckpointWriter.finish`),
+   then the tokenizer and the after-save step of every save (:func:`.publish.writer.finish_folder`: the model
+   card).
 
 Everything is written into a private staging folder inside ``out`` and moved into ``out`` only when complete, with
 the guarantees of every save of this package (:func:`.publish.staging.staged_folder`: one writer per folder, files
@@ -37,19 +39,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import nn
 
 from .config import SparseScheduleConfig
-from .obs.grid import GRID_ATTR
 from .pipeline.blocks import find_decoder_blocks, non_block_modules
 from .pipeline.calibration import resolve_tokenizer
 from .pipeline.distributed import init_distributed
-from .publish.export import (block_part, checkpoint_metadata, finish_part, holds_compact_tensors, rest_part,
-                             write_config)
-from .publish.model_card import CARD_FILE, card_for_model, is_own_card
+from .pipeline.plan import plan_compression
 from .publish.save import check_folders_apart
-from .publish.shards import ShardWriter, shard_size_bytes
+from .publish.shards import shard_size_bytes
 from .publish.staging import staged_folder
+from .publish.writer import CheckpointWriter, finish_folder
 from .sequential import compress_blocks
 
 #: what a hub snapshot needs: the config, the safetensors weights and the tokenizer files
@@ -126,7 +125,7 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
             model = AutoModelForCausalLM.from_pretrained(folder, device_map=streaming_device_map(folder),
                                                          offload_folder=scratch, dtype=dtype)
         model.eval()
-        tok = resolve_tokenizer(config, tokenizer, model)
+        tok = resolve_tokenizer(config.tokenizer, tokenizer, model)
         if not Path(src).is_dir():  # a hub id: name the model as from_pretrained(src) would (the card's base_model)
             model.config._name_or_path = model.name_or_path = str(src)
         if not ctx.is_main:  # rank 0 writes; the other ranks compress their share and discard the blocks
@@ -160,41 +159,13 @@ def _quiet(logger_name: str) -> Iterator[None]:
 def _stream_into(model: Any, config: SparseScheduleConfig, tok: Any, staging: Path, out: Path,
                  max_shard_size: int | str) -> None:
     """Compress ``model`` block by block into shards in ``staging``, then write the rest beside them."""
-    writer = ShardWriter(staging, max_shard_size)
+    writer = CheckpointWriter(model, plan_compression(model, config.plan_spec()), staging, config, max_shard_size)
     try:
-        sink = _block_sink(model, config, writer)
-        compress_blocks(model, config, tok, sink=sink)
-        writer.add(finish_part(model, rest_part(model, compact_stored=getattr(sink, "compact_stored", False))))
-        writer.finish(total_parameters=model.num_parameters(), metadata=checkpoint_metadata(config))
+        compress_blocks(model, config, tok, sink=writer.add_block)
+        writer.finish()
     except BaseException:
         writer.discard()
         raise
-    _write_beside_weights(model, config, tok, staging, out)
-
-
-def _block_sink(model: nn.Module, config: SparseScheduleConfig, writer: ShardWriter):
-    blocks_name, _ = find_decoder_blocks(model)
-
-    def sink(index: int, block: nn.Module, modules: dict[str, nn.Module]) -> None:
-        prefix = f"{blocks_name}.{index}." if blocks_name else f"{index}."
-        part = block_part(prefix, block, modules, config)
-        sink.compact_stored = sink.compact_stored or holds_compact_tensors(part)
-        writer.add(finish_part(model, part))
-        for m in modules.values():  # the grids are in the shards now: keep host memory flat in depth
-            m.__dict__.pop(GRID_ATTR, None)
-
-    sink.compact_stored = False
-    return sink
-
-
-def _write_beside_weights(model: Any, config: SparseScheduleConfig, tok: Any, staging: Path, out: Path) -> None:
-    """config.json, generation_config.json, the tokenizer and the model card, into ``staging``."""
-    write_config(model, staging)
-    if config.export_format == "compressed-tensors":
-        from .formats.compressed_tensors import rewrite_config_json
-
-        rewrite_config_json(staging, model, config)
     if hasattr(tok, "save_pretrained"):
         tok.save_pretrained(staging)
-    if not (out / CARD_FILE).is_file() or is_own_card(out / CARD_FILE):  # a README of the user's is kept
-        card_for_model(model, staging, model_name=out.name)
+    finish_folder(model, staging, out)

@@ -97,6 +97,15 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     return model.eval()
 
 
+def block_visit(model, inputs=None, index: int = 0, device: str = "cpu"):
+    """The visit (a context manager yielding a ``BlockVisit``) of block ``index`` of ``model`` with every compressible
+    module, on ``device``; ``inputs``: the captured block arguments."""
+    from optimum_sparsesched.pipeline.plan import PlanSpec, plan_compression
+    from optimum_sparsesched.pipeline.sources import BlockSource
+
+    return BlockSource(plan_compression(model, PlanSpec(skip=(), seq_len=1)), inputs).visit(index, device)
+
+
 @pytest.fixture
 def save_tiny(tmp_path, tokenizer):
     """Save a tiny random model (and the tokenizer) as a checkpoint folder; returns its path."""

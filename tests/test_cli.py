@@ -12,7 +12,7 @@ import pytest
 from conftest import CALIBRATION_TEXT
 from optimum_sparsesched import SparseScheduleConfig
 from optimum_sparsesched.cli import main
-from optimum_sparsesched.cli_options import build_parser
+from optimum_sparsesched.cli.options import build_parser
 
 EVAL_LINE = "some evaluation text, a few words long\n"
 
@@ -139,8 +139,8 @@ def test_eval_default_protocol(save_tiny, texts, capsys):
 
 
 def test_cli_embedded_default_model_end_to_end(tmp_path, capsys):
-    from optimum_sparsesched.default_model import SMOLLM2_GGUF
-    from optimum_sparsesched.pinned_download import cached_member
+    from optimum_sparsesched.cli.default_model import SMOLLM2_GGUF
+    from optimum_sparsesched.cli.pinned_download import cached_member
 
     if cached_member(SMOLLM2_GGUF) is None:
         pytest.skip("the embedded GGUF is not on this machine yet (the README's first command fetches it)")

@@ -84,24 +84,6 @@ def test_compression_reduces_to_calibration_seeded(tokenizer):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_true_sequential_solves_each_group_on_the_compressed_groups_before_it(family, tokenizer):
-    """The first group of every block 0 (q/k/v) reads the same input either way; the groups after it read what the
-    compressed ones produce, so they differ, at the same sparsity."""
-    runs = {}
-    for true_sequential in (False, True):
-        cfg = SparseScheduleConfig(sparsity=0.6, true_sequential=true_sequential, **UNIFORM)
-        model = compress(tiny_model(family, num_hidden_layers=2), cfg, tokenizer=tokenizer)
-        runs[true_sequential] = (compressed_modules(model, cfg), cfg.results.layer_sparsities)
-    (whole, whole_sparsity), (sequential, sequential_sparsity) = runs[False], runs[True]
-    assert whole_sparsity == sequential_sparsity
-    first = [n for n in whole if ".0." in n and any(k in n for k in ("q_proj", "k_proj", "v_proj"))]
-    later = [n for n in whole if ".0." in n and n not in first]
-    assert len(first) == 3 and later
-    assert all(torch.equal(weight_matrix(whole[n]), weight_matrix(sequential[n])) for n in first)
-    assert not any(torch.equal(weight_matrix(whole[n]), weight_matrix(sequential[n])) for n in later)
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_from_pretrained_then_reload_in_fresh_process(family, save_tiny, tmp_path):
     path = save_tiny(family)

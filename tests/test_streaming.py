@@ -251,7 +251,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
                                    seq_len=64)
     # warm up what every run loads whatever the model's depth (datasets, the tokenizer, the modules a run imports,
     # the allocator's pools): a whole run of the same width with 2 blocks; then measure the deep one
-    calibration_windows(cfg.dataset, resolve_tokenizer(cfg, sys.argv[1], None), 2, 64, 0)
+    calibration_windows(cfg.dataset, resolve_tokenizer(cfg.tokenizer, sys.argv[1], None), 2, 64, 0)
     if sys.argv[4] == "stream":
         osp.compress_checkpoint(sys.argv[5], sys.argv[2] + "-warm-up", cfg)
     else:

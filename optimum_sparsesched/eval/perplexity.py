@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..pipeline.calibration import check_text_file
+
 DEFAULT_SEQ_LEN = 2048
 
 
@@ -34,12 +36,9 @@ def read_eval_text(texts_or_path: str | os.PathLike | Sequence[str]) -> str:
     """A path -> its lines (newlines kept) joined with blank lines; a list of texts -> joined with blank lines;
     any other string is the text itself. A file that is not UTF-8 text is a ``ValueError`` naming it."""
     if isinstance(texts_or_path, (str, os.PathLike)) and os.path.isfile(texts_or_path):
-        try:
-            with open(texts_or_path, encoding="utf-8") as f:
-                return "\n\n".join(f.readlines())
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"texts_or_path: {Path(texts_or_path).name!r} is not UTF-8 text ({exc.reason} at byte "
-                             f"{exc.start})") from None
+        check_text_file(texts_or_path, "texts_or_path")
+        with open(texts_or_path, encoding="utf-8") as f:
+            return "\n\n".join(f.readlines())
     if isinstance(texts_or_path, os.PathLike):
         raise ValueError(f"texts_or_path: {os.fspath(texts_or_path)!r} is not a file")
     if isinstance(texts_or_path, str):

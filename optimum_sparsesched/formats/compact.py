@@ -21,7 +21,7 @@ its mask (values/codes count = popcount), the module's shape and the config's ``
 (scale/zero shapes, zero present iff asymmetric) and refuses non-finite values or scales, naming the tensor. The
 options the tensors were encoded with are also recorded in every weight file (:mod:`.metadata`). Each compactly
 stored module keeps an empty ``weight`` placeholder so that plain transformers (without this package) refuses the
-checkpoint instead of loading random layers (:func:`compact_state_dict`).
+checkpoint instead of loading random layers (:func:`.encode.encoded_state_dict`).
 
 Sizes in bits per weight at sparsity ``s`` (``g`` = group size): ``1 + 16(1-s)`` unquantized (bf16) and
 ``1 + bits·(1-s) + (16 + bits)/g`` quantized asymmetric; 0.7 + INT4 with ``g = 128`` is ≈ 2.4 bits, 15% of bf16
@@ -30,13 +30,13 @@ Sizes in bits per weight at sparsity ``s`` (``g`` = group size): ``1 + 16(1-s)``
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..obs.grid import column_groups, dequantize, module_grid
+from ..obs.grid import Grid, column_groups, dequantize, group_count
 from ..pipeline.plan import weight_matrix
+from .spec import ExportSpec
 
 SUFFIXES = ("weight_mask", "weight_values", "weight_codes", "weight_scale", "weight_zero")
 #: an empty tensor of every compact checkpoint, listed as an UNEXPECTED key by transformers loading it without this
@@ -123,11 +123,6 @@ def encode_weight(weight: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor] 
     if not sym:
         out["weight_zero"] = pack_codes(zero, bits)
     return out
-
-
-def group_count(cols: int, group_size: int) -> int:
-    """Quantization groups per row: ``⌈cols / group_size⌉``, 1 for ``group_size=-1``."""
-    return 1 if group_size == -1 else -(-cols // group_size)
 
 
 def _packed_length(count: int, bits: int) -> int:
@@ -223,37 +218,16 @@ def decode_weight(tensors: dict[str, torch.Tensor], shape: tuple[int, int], dtyp
     return weight, (scale, zero)
 
 
-def compact_module_tensors(module: nn.Module, config: Any) -> dict[str, torch.Tensor] | None:
+def compact_module_tensors(weight: torch.Tensor, grid: Grid | None, spec: ExportSpec) -> dict[str, torch.Tensor] | None:
     """The compact tensors (``{suffix: tensor}``, on the CPU, with the empty ``weight`` placeholder) that replace a
-    compressed module's ``weight``, or ``None`` when it stays dense: a module is stored compactly when its weight is
-    quantized (it carries a grid) or when the mask and values are smaller than the dense weight."""
-    grid = module_grid(module) if config.bits is not None else None
-    w = weight_matrix(module)
+    compressed module's weight ``[out, in]``, or ``None`` when it stays dense: a module is stored compactly when its
+    weight is quantized (``spec.bits`` and a ``grid``) or when the mask and values are smaller than the dense
+    weight."""
+    grid = grid if spec.bits is not None else None
+    w = weight.detach()
     if grid is None:
         nnz = int((w != 0).sum())
         if nnz * w.element_size() + w.shape[0] * -(-w.shape[1] // 8) >= w.numel() * w.element_size():
             return None
-    encoded = encode_weight(w, grid, config.bits, config.group_size, config.sym)
+    encoded = encode_weight(w, grid, spec.bits, spec.group_size, spec.sym)
     return {"weight": torch.empty(0, dtype=w.dtype), **{suffix: t.cpu().contiguous() for suffix, t in encoded.items()}}
-
-
-def compact_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every compressed module's ``weight`` replaced by its compact tensors
-    (:func:`compact_module_tensors`); other weights stay as they are. A compactly stored module also keeps an empty
-    ``weight`` placeholder (shape ``[0]``) and the state dict one empty :data:`REQUIRES_PLUGIN_KEY` tensor: loaded
-    without this package, transformers finds every compressed ``weight`` with the wrong shape and refuses to load
-    (instead of initialising those layers at random), and its load report lists the key that says what to do."""
-    state = model.state_dict()
-    compressed = set(config.results.layer_sparsities)
-    stored = False
-    for name, module in model.named_modules():
-        if name not in compressed or f"{name}.weight" not in state:
-            continue
-        encoded = compact_module_tensors(module, config)
-        if encoded is None:
-            continue
-        state.update({f"{name}.{suffix}": t for suffix, t in encoded.items()})
-        stored = True
-    if stored:
-        state[REQUIRES_PLUGIN_KEY] = torch.empty(0, dtype=torch.uint8)
-    return state

@@ -10,14 +10,44 @@ checkpoint never loads.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from ..obs.grid import set_module_grid
+from ..obs.grid import Grid
 from ..pipeline.plan import is_transposed
 from .compact import decode_weight
+from .spec import ExportSpec
+
+
+class LoadingQuantizer(Protocol):
+    """What the load operation reads from the quantizer loading the checkpoint (``SparseScheduleQuantizer``, or the
+    copy of it transformers hands each operation): how the weights were stored."""
+
+    export_spec: ExportSpec
+
+
+#: attribute of a loading model: the names of the modules whose ``weight`` the checkpoint provided (checked, then
+#: removed, once the load ends: :func:`check_all_loaded`)
+LOADED_ATTR = "_sparse_schedule_loaded"
+
+
+def check_all_loaded(model: nn.Module, compressed: Iterable[str]) -> None:
+    """After a load: every ``compressed`` module's weight came from the checkpoint (else transformers initialised it
+    at random); ``ValueError`` naming the first that did not."""
+    loaded = model.__dict__.pop(LOADED_ATTR, set())
+    missing = [name for name in compressed if name not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint: the tensors of the compressed module {missing[0]} are missing "
+                         f"({len(missing)} module(s) in all): its weight would be random; the checkpoint is damaged "
+                         "and refused")
+
+
+def loaded_grids(model: nn.Module) -> dict[str, Grid]:
+    """Where the grids of a loading model go: its config's ``quantization_config.results.grids`` (the one config
+    object the loaded model keeps; the quantizer an operation gets may be a copy)."""
+    return model.config.quantization_config.results.grids
 
 
 def _load_op_base():
@@ -31,22 +61,28 @@ class CompactDeserialize(_load_op_base()):
     the empty ``weight`` placeholder) -> its dense ``weight`` in the model's dtype. A plain dense ``weight`` passes
     through unchanged."""
 
-    def __init__(self, hf_quantizer: Any) -> None:
+    def __init__(self, hf_quantizer: LoadingQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
 
     def convert(self, input_dict: dict[str, Any], model: nn.Module | None = None,
                 full_layer_name: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
-        if "weight_mask" not in tensors:
-            return {"weight": tensors["weight"]}
-        config = self.hf_quantizer.quantization_config
         module_name = full_layer_name.rpartition(".")[0]
+        model.__dict__.setdefault(LOADED_ATTR, set()).add(module_name)
+        if "weight_mask" not in tensors:
+            weight = tensors.get("weight")
+            if weight is None or len(tensors) > 1:
+                raise ValueError(f"{module_name}: the checkpoint holds {sorted(tensors)} for it: a compact weight "
+                                 "needs weight_mask (a tensor is missing: the checkpoint is damaged)")
+            return {"weight": weight}
+        spec = self.hf_quantizer.export_spec
         module = model.get_submodule(module_name)
         transposed = is_transposed(module)
         shape = tuple(module.weight.shape[::-1] if transposed else module.weight.shape)
-        weight, grid = decode_weight(tensors, shape, module.weight.dtype, config.bits, config.group_size,
-                                     config.sym, name=module_name)
-        set_module_grid(module, grid)
+        weight, grid = decode_weight(tensors, shape, module.weight.dtype, spec.bits, spec.group_size, spec.sym,
+                                     name=module_name)
+        if grid is not None:
+            loaded_grids(model)[module_name] = tuple(t.cpu() for t in grid)
         return {"weight": weight.t().contiguous() if transposed else weight}
 
     @property

@@ -14,22 +14,19 @@ compressed-tensors dequantizes ``(q_signed - zero_signed) · scale`` = ``(q - ze
 OBS pass wrote, pruned weights included (their code is the zero point, so sparsity survives). ``config.json`` gets
 a compressed-tensors ``quantization_config`` (``quant_method="compressed-tensors"``, ``format="pack-quantized"``,
 one config group targeting ``Linear`` with every uncompressed Linear in ``ignore``); this package's own config is
-kept alongside under ``sparse_schedule_config`` for the record.
+kept alongside under ``sparse_schedule_config`` for the record (:mod:`..publish.writer` rewrites ``config.json``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from ..config import SAVED_CONFIG_KEY
-from ..obs.grid import module_grid
+from ..obs.grid import Grid
 from .compact import grid_codes
+from .spec import ExportSpec
 
 CT_EXTRA = 'pip install "optimum-sparsesched[compressed-tensors]"'
 
@@ -51,17 +48,18 @@ def check_exportable(modules: dict[str, nn.Module]) -> None:
                          f"{type(modules[others[0]]).__name__}; allowed for this model: 'compact' | 'dense'")
 
 
-def compressed_tensors_config(model: nn.Module, config: Any) -> dict[str, Any]:
-    """The ``quantization_config`` dict of the exported checkpoint (validated by compressed-tensors itself)."""
+def compressed_tensors_config(model: nn.Module, spec: ExportSpec, names: Iterable[str]) -> dict[str, Any]:
+    """The ``quantization_config`` dict of the exported checkpoint whose compressed modules are ``names``
+    (validated by compressed-tensors itself)."""
     _require_compressed_tensors()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    compressed = set(config.results.layer_sparsities)
+    compressed = set(names)
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in compressed]
-    grouped = config.group_size != -1
-    weights = QuantizationArgs(num_bits=config.bits, type="int", symmetric=config.sym,
+    grouped = spec.group_size != -1
+    weights = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.sym,
                                strategy="group" if grouped else "channel",
-                               group_size=config.group_size if grouped else None, dynamic=False)
+                               group_size=spec.group_size if grouped else None, dynamic=False)
     ct = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                             format="pack-quantized", quantization_status="compressed", ignore=ignore)
     out = ct.model_dump(mode="json")
@@ -69,45 +67,25 @@ def compressed_tensors_config(model: nn.Module, config: Any) -> dict[str, Any]:
     return out
 
 
-def compressed_tensors_module_tensors(name: str, module: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+def compressed_tensors_module_tensors(name: str, weight: torch.Tensor, grid: Grid | None,
+                                      spec: ExportSpec) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors (``{suffix: tensor}``, on the CPU) that replace compressed Linear ``name``'s
-    ``weight``."""
+    ``weight`` ``[out, in]`` quantized on ``grid``."""
     _require_compressed_tensors()
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    bits, offset = config.bits, 2 ** (config.bits - 1)
-    grid = module_grid(module)
+    bits, offset = spec.bits, 2 ** (spec.bits - 1)
     if grid is None:
         raise ValueError(f"export_format: 'compressed-tensors' needs the quantization grid of {name}, which this "
                          "model does not carry (compress it in this process, or load it from a 'compact' "
                          "checkpoint); save with export_format='dense' instead")
     scale, zero = grid
-    w = module.weight.detach()
-    codes = grid_codes(w, scale, zero, bits, config.group_size)
+    w = weight.detach()
+    codes = grid_codes(w, scale, zero, bits, spec.group_size)
     out = {"weight_packed": pack_to_int32((codes.to(torch.int16) - offset).to(torch.int8).cpu(), bits),
            "weight_scale": scale.to(w.dtype).cpu().contiguous()}
-    if not config.sym:
+    if not spec.sym:
         signed_zero = (zero.to(torch.int16) - offset).to(torch.int8).cpu()
         out["weight_zero_point"] = pack_to_int32(signed_zero, bits, packed_dim=0).contiguous()
     out["weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
     return out
-
-
-def compressed_tensors_state_dict(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every compressed Linear's ``weight`` replaced by the pack-quantized tensors."""
-    state = model.state_dict()
-    for name in config.results.layer_sparsities:
-        del state[f"{name}.weight"]
-        encoded = compressed_tensors_module_tensors(name, model.get_submodule(name), config)
-        state.update({f"{name}.{suffix}": t for suffix, t in encoded.items()})
-    return state
-
-
-def rewrite_config_json(folder: str | os.PathLike, model: nn.Module, config: Any) -> None:
-    """Replace ``quantization_config`` in ``folder/config.json`` by the compressed-tensors one (ours moves to
-    ``sparse_schedule_config``)."""
-    path = Path(folder) / "config.json"
-    data = json.loads(path.read_text())
-    data[SAVED_CONFIG_KEY] = data.pop("quantization_config", config.to_dict())
-    data["quantization_config"] = compressed_tensors_config(model, config)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -9,14 +9,20 @@ shard. Ours (all ``str``, as safetensors requires):
 - ``sparse_schedule_bits``, ``sparse_schedule_group_size``, ``sparse_schedule_sym``: the grid the weights were
   encoded with (``bits`` ``"None"`` when unquantized);
 - ``sparse_schedule_results``: the first 16 hex digits of the SHA-256 of the run's per-module sparsities
-  (``results.layer_sparsities`` as sorted JSON), which ``config.json`` holds too.
+  (``results.layer_sparsities`` as sorted JSON), which ``config.json`` holds too;
+- ``sparse_schedule_options``: the options that describe the stored weights (:data:`WEIGHT_OPTIONS`: sparsity,
+  pattern, schedule, grid, export format, solver ...), as JSON;
+- ``sparse_schedule_tensors`` (files of the block-by-block writer, every save of this package but a plain
+  ``type(model).save_pretrained``): the content digest of every tensor of the file (:func:`tensor_digest`), as JSON.
 
-On load (:func:`check_weights_metadata`, before any tensor is read) the options of ``config.json`` must equal the
-recorded grid when the weights hold quantization codes (an edited ``bits``, ``group_size`` or ``sym`` would decode
-wrong weights), and ``config.json``'s sparsities must be those the weights were saved with: a folder whose weights and
-``config.json`` come from different saves (a save killed between its renames, files copied between checkpoints) is
-refused instead of loading a mix. Files saved by optimum-sparsesched 0.2 and earlier have no such keys and are not
-checked.
+On load (:func:`check_weights_metadata`, before transformers reads the weights) ``config.json`` must describe the
+weights the files hold: its recorded options unedited (an edited ``bits``, ``group_size`` or ``sym`` would decode
+wrong weights; an edited ``pattern`` or ``sparsity`` would make the card claim what the weights are not), its
+sparsities those the weights were saved with (a folder whose weights and ``config.json`` come from different saves
+— a save killed between its renames, files copied between checkpoints — is refused instead of loading a mix), and
+every tensor must match its digest and none may be missing (a flipped byte in a value, a deleted tensor): each
+refusal a ``ValueError`` naming the file and the option or tensor. Files saved by optimum-sparsesched 0.2 and earlier
+have no such keys and are not checked.
 """
 
 from __future__ import annotations
@@ -24,13 +30,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Mapping
+
+import torch
 
 from ..version import __version__
+from .spec import ExportSpec
 
 WRITER_KEY = "optimum_sparsesched"
 FORMAT_KEY = "sparse_schedule_format"
 RESULTS_KEY = "sparse_schedule_results"
+OPTIONS_KEY = "sparse_schedule_options"
+DIGESTS_KEY = "sparse_schedule_tensors"
+#: the options that describe the stored weights: config.json may not hold other values than the files recorded
+WEIGHT_OPTIONS = ("sparsity", "pattern", "schedule", "bits", "group_size", "sym", "export_format", "preset", "solver",
+                  "search_steps", "reconstruct_epochs")
 GRID_KEYS = {"bits": "sparse_schedule_bits", "group_size": "sparse_schedule_group_size", "sym": "sparse_schedule_sym"}
 
 
@@ -39,11 +54,23 @@ def results_digest(layer_sparsities: dict[str, float]) -> str:
     return hashlib.sha256(json.dumps(layer_sparsities, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def weights_metadata(config: Any) -> dict[str, str]:
-    """The header metadata of every weight file of a checkpoint saved with ``config`` (a SparseScheduleConfig)."""
-    out = {WRITER_KEY: __version__, FORMAT_KEY: str(config.export_format),
-           RESULTS_KEY: results_digest(dict(config.results.layer_sparsities))}
-    out.update({key: str(getattr(config, option)) for option, key in GRID_KEYS.items()})
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """32 hex digits identifying a tensor: SHA-256 of its dtype, shape and bytes."""
+    t = tensor.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)};".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:32]
+
+
+def weights_metadata(spec: ExportSpec, layer_sparsities: Mapping[str, float],
+                     options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The header metadata of every weight file of a checkpoint stored as ``spec`` whose run achieved
+    ``layer_sparsities``, with the :data:`WEIGHT_OPTIONS` of ``options`` (the config's)."""
+    out = {WRITER_KEY: __version__, FORMAT_KEY: str(spec.format), RESULTS_KEY: results_digest(dict(layer_sparsities))}
+    out.update({key: str(getattr(spec, option)) for option, key in GRID_KEYS.items()})
+    if options is not None:
+        out[OPTIONS_KEY] = json.dumps({k: options[k] for k in WEIGHT_OPTIONS if k in options}, sort_keys=True)
     return out
 
 
@@ -69,10 +96,12 @@ def written_by_this_package(path: str | os.PathLike) -> bool:
     return bool(metadata) and (WRITER_KEY in metadata or FORMAT_KEY in metadata)
 
 
-def check_weights_metadata(files: Iterable[str | os.PathLike], config: Any) -> None:
-    """Refuse to load when ``config`` (from ``config.json``) does not match what the weight files recorded: the grid
-    options of quantized weights, and the results digest. ``ValueError`` naming the file and the field."""
-    expected_results = results_digest(dict(config.results.layer_sparsities))
+def check_weights_metadata(files: Iterable[str | os.PathLike], spec: ExportSpec,
+                           layer_sparsities: Mapping[str, float], options: Mapping[str, Any] | None = None) -> None:
+    """Refuse to load when ``config.json`` (its grid options ``spec``, its ``options`` and results
+    ``layer_sparsities``) does not describe what the weight files recorded, or a tensor of a file does not match its
+    digest (see the module docstring). ``ValueError`` naming the file and the field or tensor."""
+    expected_results = results_digest(dict(layer_sparsities))
     for path in files:
         metadata = read_weights_metadata(path) if str(path).endswith(".safetensors") else None
         if not metadata or WRITER_KEY not in metadata:
@@ -84,10 +113,49 @@ def check_weights_metadata(files: Iterable[str | os.PathLike], config: Any) -> N
                 f"{expected_results} != {metadata[RESULTS_KEY]}): config.json and the weights come from different "
                 "saves (a save interrupted while it replaced the files, or files copied between checkpoints). Save "
                 "the model again into this folder.")
-        if metadata.get(FORMAT_KEY) == "compact" and metadata.get(GRID_KEYS["bits"]) not in (None, "None"):
-            for option, key in GRID_KEYS.items():
-                if key in metadata and metadata[key] != str(getattr(config, option)):
+        recorded = {option: metadata[key] for option, key in GRID_KEYS.items() if key in metadata}
+        if metadata.get(FORMAT_KEY) == "compact" and recorded.get("bits") not in (None, "None"):
+            for option, value in recorded.items():
+                if value != str(getattr(spec, option)):
                     raise ValueError(
-                        f"config.json: quantization_config.{option}={getattr(config, option)!r}, but the weights in "
-                        f"{name} were encoded with {option}={metadata[key]}; decoding them with the edited value "
-                        f"would give wrong weights. Restore {option}={metadata[key]} in config.json.")
+                        f"config.json: quantization_config.{option}={getattr(spec, option)!r}, but the weights in "
+                        f"{name} were encoded with {option}={value}; decoding them with the edited value "
+                        f"would give wrong weights. Restore {option}={value} in config.json.")
+        if options is not None and OPTIONS_KEY in metadata:
+            for option, value in json.loads(metadata[OPTIONS_KEY]).items():
+                if option in options and options[option] != value:
+                    raise ValueError(
+                        f"config.json: quantization_config.{option}={options[option]!r}, but the weights in {name} "
+                        f"were saved with {option}={value!r}: config.json no longer describes these weights (edited "
+                        f"by hand?). Restore {option}={value!r} in config.json.")
+        if DIGESTS_KEY in metadata:
+            check_tensor_digests(path, json.loads(metadata[DIGESTS_KEY]))
+
+
+def check_tensor_digests(path: str | os.PathLike, digests: Mapping[str, str]) -> None:
+    """Every tensor of the safetensors file ``path`` is listed in ``digests`` and matches its digest, and every
+    listed tensor is there (tensors hashed on all cores). ``ValueError`` naming the file and the tensor."""
+    from safetensors import safe_open
+
+    name = os.path.basename(os.fspath(path))
+    with safe_open(os.fspath(path), framework="pt") as f:
+        keys = set(f.keys())
+        for tensor in sorted(set(digests) ^ keys):
+            problem = "is missing" if tensor in digests else "was not written by this package's save"
+            raise ValueError(f"{name}: tensor {tensor} {problem}: the checkpoint is damaged or edited; it is refused")
+        workers = os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # read one at a time, hash in parallel
+            pending: list = []
+            for tensor in digests:
+                pending.append((tensor, pool.submit(tensor_digest, f.get_tensor(tensor))))
+                if len(pending) > 2 * workers:
+                    _compare(name, digests, *pending.pop(0))
+            for item in pending:
+                _compare(name, digests, *item)
+
+
+def _compare(name: str, digests: Mapping[str, str], tensor: str, digest: Any) -> None:
+    """Refuse ``tensor`` of file ``name`` when its ``digest`` (a future) is not the recorded one."""
+    if digest.result() != digests[tensor]:
+        raise ValueError(f"{name}: tensor {tensor} does not match the digest recorded when it was saved (its bytes, "
+                         "dtype or shape changed: the checkpoint is damaged or edited); it is refused")

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import torch
 
+#: the quantization grid of one module: ``(scale, zero)``, float32 ``[rows, groups]`` (group ``j`` covers the input
+#: columns ``j·group_size …``; one group for ``group_size=-1``)
+Grid = tuple[torch.Tensor, torch.Tensor]
+
 
 def round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
     """The smallest bfloat16 value ``>= x`` for positive finite float32 ``x`` (returned as float32): a bfloat16 is
@@ -33,6 +37,11 @@ def column_groups(cols: int, group_size: int, device: torch.device | str) -> tor
     if group_size == -1:
         return torch.zeros(cols, dtype=torch.long, device=device)
     return torch.arange(cols, device=device) // group_size
+
+
+def group_count(cols: int, group_size: int) -> int:
+    """Quantization groups per row of a weight with ``cols`` inputs: ``⌈cols / group_size⌉``, 1 for ``-1``."""
+    return 1 if group_size == -1 else -(-cols // group_size)
 
 
 def round_onto_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -81,19 +90,3 @@ class QuantGrid:
         """Round ``w`` ``[rows, k]`` onto the grid (returns dequantized float values)."""
         assert self.scale is not None and self.zero is not None, "find_params first"
         return round_onto_grid(w, self.scale, self.zero, self.maxq)
-
-
-#: Attribute of a compressed module that holds its quantization grids ``(scale, zero)``, float32 ``[rows, groups]`` on
-#: the CPU: set by the OBS pass and by loading a compact checkpoint, read by the savers; not part of the state dict.
-GRID_ATTR = "sparse_schedule_grid"
-
-
-def module_grid(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The grids a compressed module carries, or ``None`` (not quantized)."""
-    return getattr(module, GRID_ATTR, None)
-
-
-def set_module_grid(module: torch.nn.Module, grid: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Attach ``grid`` (kept on the CPU) to ``module``; ``None`` leaves the module as it is."""
-    if grid is not None:
-        setattr(module, GRID_ATTR, tuple(t.detach().cpu() for t in grid))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 
@@ -28,12 +26,6 @@ class PruneSpec:
     block_size: int = 128
     damp: float = 0.01
     solver: str = "sparsegpt"
-
-    @classmethod
-    def from_config(cls, config: Any, sparsity: float) -> "PruneSpec":
-        """The spec of one module of a run configured by ``config`` (a ``SparseScheduleConfig``) at ``sparsity``."""
-        return cls(sparsity=sparsity, nm=config.nm, bits=config.bits, group_size=config.group_size,
-                   sym=config.sym, block_size=config.block_size, damp=config.damp, solver=config.solver)
 
 
 @dataclass

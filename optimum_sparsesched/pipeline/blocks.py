@@ -14,6 +14,7 @@ after the last block. Only the modules outside the blocks (embeddings, rotary ta
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator
@@ -81,15 +82,14 @@ class BlockInputs:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
                          storage_device: torch.device | str = "cpu",
-                         visit: Callable[[nn.Module, Any], ContextManager[torch.device]] | None = None) -> BlockInputs:
+                         visit_first: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> BlockInputs:
     """Run the model's forward on each window ``[1, seq_len]`` of ``windows`` ``[n, seq_len]`` and record the
-    block inputs. Blocks stay where they are (block 0 visits ``device`` once to learn the output structure, through
-    ``visit(block, device)``, by default :func:`block_on_device`); every other module is moved to ``device`` for
-    the capture and moved back afterwards."""
+    block inputs. Blocks stay where they are (block 0 runs once, inside ``visit_first()`` — the block visit of
+    :mod:`.sources`, which materialises it on the compute device; by default it is already there — to learn the
+    output structure); every other module is moved to ``device`` for the capture and moved back afterwards."""
     _, blocks = find_decoder_blocks(model)
     captured = BlockInputs(args=[()] * len(blocks), kwargs=[{}] * len(blocks))
     originals = [b.forward for b in blocks]
-    visit = visit or block_on_device
     memo: dict[int, Any] = {}  # arguments shared between blocks (rotary tables, masks) are stored once
 
     def recorder(index: int):
@@ -100,7 +100,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
                 captured.args[index] = to_device(args, storage_device, memo)
                 captured.kwargs[index] = to_device(kwargs, storage_device, memo)
             if index == 0 and len(captured.hidden) == 1:
-                with visit(blocks[0], device):
+                with visit_first():
                     out = originals[0](hidden_states, *args, **kwargs)
                 captured.returns_tuple = isinstance(out, tuple)
             if index == len(blocks) - 1:
@@ -133,19 +133,6 @@ def forwards_replaced(blocks: nn.ModuleList, make_forward: Callable[[int], Calla
                 b.__dict__.pop("forward", None)
             else:
                 b.forward = previous
-
-
-@contextmanager
-def block_on_device(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
-    """Move ``block`` to where it is computed (:func:`block_device`) for the duration and yield that device; it goes
-    back home afterwards."""
-    home = module_device(block)
-    on = block_device(block, device)
-    block.to(on)
-    try:
-        yield on
-    finally:
-        block.to(home)
 
 
 @contextmanager

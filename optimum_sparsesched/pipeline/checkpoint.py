@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes, save_file
 from torch import nn
 
-from ..obs.grid import module_grid, set_module_grid
+from ..obs.grid import Grid
+from .digest import file_sha256
 
 try:
     import fcntl
@@ -52,21 +53,14 @@ LOCK_FILE = "run.lock"
 _TEMP = re.compile(r"\..+\.\d+-[0-9a-f]{8}\.tmp|(block_\d{5}\.safetensors|manifest\.json)\.tmp")
 
 
-def fingerprint(config: Any, windows: torch.Tensor, model: torch.nn.Module) -> str:
-    """SHA-256 of the result-defining options, the calibration windows and the model's parameter layout."""
+def fingerprint(options: dict[str, Any], windows: torch.Tensor, model: torch.nn.Module) -> str:
+    """SHA-256 of the result-defining ``options`` (``config.fingerprint_options()``), the calibration windows and the
+    model's parameter layout."""
     h = hashlib.sha256()
-    h.update(json.dumps(config.fingerprint_options(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
     h.update(windows.to(torch.int64).contiguous().numpy().tobytes())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -203,7 +197,7 @@ class BlockCheckpoint:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        checksum = _sha256_file(tmp)
+        checksum = file_sha256(tmp)
         os.replace(tmp, path)
         manifest["finished_blocks"] = index + 1
         manifest["achieved"].update(achieved)
@@ -227,20 +221,18 @@ class BlockCheckpoint:
             return None
 
 
-def block_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """What a finished block's checkpoint holds: every module's weight (``NAME``) and, when quantized, its grids
-    (``NAME.grid_scale``, ``NAME.grid_zero``)."""
+def block_state(modules: dict[str, nn.Module], grids: dict[str, Grid]) -> dict[str, torch.Tensor]:
+    """What a finished block's checkpoint holds: every module's weight (``NAME``, in the module's layout) and, when
+    quantized, its grid (``NAME.grid_scale``, ``NAME.grid_zero``)."""
     state = {n: m.weight for n, m in modules.items()}
-    for n, m in modules.items():
-        grid = module_grid(m)
-        if grid is not None:
-            state[f"{n}.grid_scale"], state[f"{n}.grid_zero"] = grid
+    for n, (scale, zero) in grids.items():
+        state[f"{n}.grid_scale"], state[f"{n}.grid_zero"] = scale, zero
     return state
 
 
-def restore_block(modules: dict[str, nn.Module], saved: dict[str, torch.Tensor]) -> None:
-    """Put a finished block's checkpoint (:func:`block_state`) back into its modules."""
+def restore_block(modules: dict[str, nn.Module], saved: dict[str, torch.Tensor]) -> dict[str, Grid]:
+    """Put a finished block's checkpoint (:func:`block_state`) back into its modules; returns its grids."""
     for name, m in modules.items():
         m.weight.data.copy_(saved[name])
-        if f"{name}.grid_scale" in saved:
-            set_module_grid(m, (saved[f"{name}.grid_scale"], saved[f"{name}.grid_zero"]))
+    return {name: (saved[f"{name}.grid_scale"], saved[f"{name}.grid_zero"])
+            for name in modules if f"{name}.grid_scale" in saved}

@@ -1,4 +1,6 @@
-"""Content digests of a model's weights, so that resume state is only ever applied to the weights it was made from.
+"""Content digests: of a model's weights, so that resume state is only ever applied to the weights it was made
+from, and of files (:func:`files_sha256`, the one file hash of the package: calibration files, resume block files,
+downloads).
 
 :func:`parameters_digest` is a SHA-256 over the names, dtypes, shapes and bytes of some parameters (about 1 GB/s on
 one CPU core with SHA extensions; ``benchmarks/RESULTS.md`` compares it with a block's compression time). The block
@@ -9,6 +11,8 @@ outside the blocks (:func:`outside_digest`: embeddings, final norm, head); :mod:
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -49,3 +53,23 @@ def outside_digest(model: nn.Module, blocks: Iterable[nn.Module]) -> str:
         return entry.hook.weights_map[entry.name]
 
     return parameters_digest((n, value(n, p)) for n, p in model.named_parameters() if id(p) not in inside)
+
+
+def files_sha256(files: list[Path], root: Path) -> str:
+    """SHA-256 (hex) of the bytes of ``files`` in order, each preceded by its path relative to ``root`` when there
+    are several or it lies below ``root`` (so a folder's digest covers its files' names); one file directly in
+    ``root``: the plain SHA-256 of its bytes."""
+    h = hashlib.sha256()
+    for f in files:
+        if len(files) > 1 or f.parent != root:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of one file's bytes, read in 1 MiB chunks."""
+    path = Path(path)
+    return files_sha256([path], path.parent)

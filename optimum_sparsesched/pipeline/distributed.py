@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..obs.grid import module_grid, set_module_grid
+from ..obs.grid import Grid, group_count
+from .plan import weight_matrix
 
 
 def is_main_process() -> bool:
@@ -81,16 +82,27 @@ class DistributedContext:
         if buf.data_ptr() != tensor.data.data_ptr():
             tensor.data.copy_(buf)
 
-    def broadcast_module(self, module: nn.Module, shape: tuple[int, int], groups: int, src: int) -> None:
-        """Send a solved module from rank ``src`` to every rank: its weight and, when it has ``groups`` quantization
-        groups per row (``groups > 0``), its grids ``[rows, groups]``."""
-        self.broadcast_(module.weight, src=src)
-        if groups and self.enabled:
-            grid = module_grid(module) or tuple(torch.empty(shape[0], groups) for _ in range(2))
-            grid = tuple(t.to(module.weight.device) for t in grid)  # NCCL broadcasts device tensors only
-            for t in grid:
-                self.broadcast_(t, src=src)
-            set_module_grid(module, grid)
+    def owned(self, names: list[str]) -> list[str]:
+        """The modules of a block (``names``, in block order) this rank solves: the ``k``-th goes to rank
+        ``k mod world``."""
+        return [name for k, name in enumerate(names) if self.owner(k) == self.rank]
+
+    def share_solved(self, modules: dict[str, nn.Module], grids: dict[str, Grid], group_size: int | None) -> None:
+        """Send every solved module of a block from the rank that solved it (:meth:`owned`) to every rank: its
+        weight and, when quantized in groups of ``group_size`` inputs (``-1``: one group per row; ``None``: not
+        quantized), its grid ``[rows, groups]`` (into ``grids``)."""
+        if not self.enabled:
+            return
+        for k, (name, module) in enumerate(modules.items()):
+            src = self.owner(k)
+            self.broadcast_(module.weight, src=src)
+            if group_size is not None:
+                rows, cols = weight_matrix(module).shape
+                grid = grids.get(name) or tuple(torch.empty(rows, group_count(cols, group_size)) for _ in range(2))
+                grid = tuple(t.to(module.weight.device) for t in grid)  # NCCL broadcasts device tensors only
+                for t in grid:
+                    self.broadcast_(t, src=src)
+                grids[name] = tuple(t.cpu() for t in grid)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.enabled:

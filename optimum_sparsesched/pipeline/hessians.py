@@ -5,12 +5,8 @@ Forward hooks see each module's input ``X`` (``[..., cols]``, every position one
 runs on the calibration windows. Modules fed the very same tensor — q/k/v after the attention norm, gate/up after
 the MLP norm, OPT's q/k/v, fc1 — get one accumulator between them: the Hessian (and later its inverse) is computed
 once, not once per module. Which modules share is read off the first window's forward (same storage, same shape),
-and the groups come in the order the forward reaches them (:func:`input_groups`).
-
-``true_sequential`` (as GPTQ's): each group is compressed before the next group's Hessian is collected, so
-o_proj sees the compressed q/k/v, the MLP the compressed attention. Each of those collections stops the block's
-forward as soon as the group's input has been seen (``stop_early``), so the forwards cost about one more block
-forward per window, not one per group.
+and the groups come in the order the forward reaches them (:func:`input_groups`). The block runs inside its visit
+(:class:`.sources.BlockVisit`), on the compute device.
 """
 
 from __future__ import annotations
@@ -20,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BlockInputs, run_block
 from .plan import weight_matrix
+from .sources import BlockVisit
 
 
 class HessianAccumulator:
@@ -46,14 +42,9 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x)
 
 
-class _GroupsSeen(Exception):
-    """Raised by a hook to end a forward once every accumulator has its input (``stop_early``)."""
-
-
-def input_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs, index: int,
-                 device: torch.device | str, hidden: torch.Tensor) -> list[list[str]]:
-    """Modules grouped by the tensor they read, from one forward of ``hidden`` through the block, in the order the
-    forward reaches them (modules it never calls last, each alone)."""
+def input_groups(visit: BlockVisit, hidden: torch.Tensor) -> list[list[str]]:
+    """The visited block's compressed modules grouped by the tensor they read, from one forward of ``hidden``
+    through the block, in the order the forward reaches them (modules it never calls last, each alone)."""
     keys: dict[str, Any] = {}
     alive: list[torch.Tensor] = []  # held until grouping is done, so no freed storage is reused under another input
 
@@ -64,56 +55,40 @@ def input_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockI
                 keys[name] = (args[0].data_ptr(), tuple(args[0].shape), tuple(args[0].stride()))
         return hook
 
-    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    handles = [m.register_forward_hook(record(name)) for name, m in visit.modules.items()]
     try:
-        run_block(block, hidden, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
+        visit.forward(hidden)
     finally:
         for h in handles:
             h.remove()
     groups: dict[Any, list[str]] = {key: [] for key in keys.values()}  # in firing order
-    for name in modules:
+    for name in visit.modules:
         groups.setdefault(keys.get(name, ("unused", name)), []).append(name)
     return list(groups.values())
 
 
 @torch.no_grad()
-def collect_block_hessians(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs, index: int,
-                           device: torch.device | str,
-                           hidden: list[torch.Tensor] | None = None,
-                           outputs: list[torch.Tensor] | None = None,
-                           groups: list[list[str]] | None = None,
-                           stop_early: bool = False) -> dict[str, HessianAccumulator]:
-    """Run block ``index`` on every window of ``hidden`` (default ``inputs.hidden``) and return, per module name,
-    the accumulator of its input Hessian (one shared object per group of modules reading the same input; ``groups``
-    when known, else read off a first forward). The block's outputs are appended to ``outputs`` (stored where the
-    inputs are) when a list is given; with ``stop_early`` (no ``outputs``) each window's forward ends as soon as
-    every group has its input."""
-    assert not (stop_early and outputs is not None), "a stopped forward has no output"
-    hidden = inputs.hidden if hidden is None else hidden
-    groups = groups or input_groups(block, modules, inputs, index, device, hidden[0])
+def collect_block_hessians(visit: BlockVisit, hidden: list[torch.Tensor],
+                           outputs: list[torch.Tensor] | None = None) -> dict[str, HessianAccumulator]:
+    """Run the visited block on every window of ``hidden`` and return, per compressed module name, the accumulator
+    of its input Hessian (one shared object per group of modules reading the same input, :func:`input_groups`). The
+    block's outputs are appended to ``outputs`` (stored where the inputs are) when a list is given."""
     accumulators: dict[str, HessianAccumulator] = {}
     handles = []
-    seen: set[str] = set()
 
     def add(acc: HessianAccumulator):
         def hook(_module, args, _output) -> None:
             acc.add_batch(args[0])
-            seen.add(acc.name)
-            if stop_early and len(seen) == len(groups):
-                raise _GroupsSeen
         return hook
 
-    for group in groups:
-        acc = HessianAccumulator(weight_matrix(modules[group[0]]).shape[1], device, group[0])
+    for group in input_groups(visit, hidden[0]):
+        module = visit.modules[group[0]]
+        acc = HessianAccumulator(weight_matrix(module).shape[1], visit.device, group[0])
         accumulators.update({name: acc for name in group})
-        handles.append(modules[group[0]].register_forward_hook(add(acc)))
+        handles.append(module.register_forward_hook(add(acc)))
     try:
         for h in hidden:
-            seen.clear()
-            try:
-                out = run_block(block, h, inputs.args[index], inputs.kwargs[index], device, inputs.returns_tuple)
-            except _GroupsSeen:
-                continue
+            out = visit.forward(h)
             if outputs is not None:
                 outputs.append(out.to(h.device))
     finally:

@@ -52,13 +52,28 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
                for s in skip)
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """What the plan is checked against: ``skip`` (``modules_to_not_convert``: names, dotted suffixes or prefixes),
+    the calibration ``seq_len`` and the ``nm`` pattern ``(N, M)`` (``None``: unstructured)."""
+
+    skip: tuple[str, ...] = ("lm_head",)
+    seq_len: int = 2048
+    nm: tuple[int, int] | None = None
+
+
 @dataclass
 class CompressionPlan:
-    """The decoder blocks and, per block, the modules compressed in it: ``modules[i]`` maps qualified names to the
-    modules of ``blocks[i]``."""
+    """The decoder blocks (the ``nn.ModuleList`` named ``blocks_name``) and, per block, the modules compressed in
+    it: ``modules[i]`` maps qualified names to the modules of ``blocks[i]``."""
 
     blocks: nn.ModuleList
     modules: list[dict[str, nn.Module]]
+    blocks_name: str = ""
+
+    def prefix(self, index: int) -> str:
+        """The qualified name of block ``index`` and a dot (``"model.layers.7."``), which its tensors start with."""
+        return f"{self.blocks_name}.{index}." if self.blocks_name else f"{index}."
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -69,39 +84,46 @@ class CompressionPlan:
     def all_modules(self) -> dict[str, nn.Module]:
         return {name: m for group in self.modules for name, m in group.items()}
 
+    @classmethod
+    def of_compressed(cls, model: nn.Module, names: Iterable[str]) -> "CompressionPlan":
+        """The plan of an already compressed model whose compressed modules are ``names`` (its recorded results)."""
+        blocks_name, blocks = find_decoder_blocks(model)
+        plan = cls(blocks, [{} for _ in blocks], blocks_name)
+        for name in names:
+            index = next(i for i in range(len(blocks)) if name.startswith(plan.prefix(i)))
+            plan.modules[index][name] = model.get_submodule(name)
+        return plan
+
 
 def _text_config(model: nn.Module) -> Any:
     return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
-def plan_compression(model: nn.Module, config: Any) -> CompressionPlan:
-    """Find the blocks and their compressible modules; check ``modules_to_not_convert``, ``seq_len`` and ``pattern``
-    against the model (a ``ValueError`` naming the option, before any work)."""
+def plan_compression(model: nn.Module, spec: PlanSpec) -> CompressionPlan:
+    """Find the blocks and their compressible modules; check ``modules_to_not_convert`` (``spec.skip``),
+    ``seq_len`` and ``pattern`` against the model (a ``ValueError`` naming the option, before any work)."""
     blocks_name, blocks = find_decoder_blocks(model)
     all_names = [n for n, _ in model.named_modules()]
-    for entry in config.modules_to_not_convert:
+    for entry in spec.skip:
         if entry != "lm_head" and not any(is_skipped(n, [entry]) for n in all_names):
             raise ValueError(f"modules_to_not_convert: {entry!r} matches no module of {type(model).__name__}; "
                              f"module names look like {all_names[min(5, len(all_names) - 1)]!r}")
-    modules = []
+    plan = CompressionPlan(blocks, [], blocks_name)
     for i, block in enumerate(blocks):
-        prefix = f"{blocks_name}.{i}." if blocks_name else f"{i}."
-        modules.append({prefix + n: m for n, m in compressible_modules(block).items()
-                        if not is_skipped(prefix + n, config.modules_to_not_convert)})
-    if not any(modules):
+        plan.modules.append({plan.prefix(i) + n: m for n, m in compressible_modules(block).items()
+                             if not is_skipped(plan.prefix(i) + n, spec.skip)})
+    if not any(plan.modules):
         raise ValueError(f"model: {type(model).__name__} has no compressible nn.Linear/Conv1D inside its decoder "
-                         f"blocks (after modules_to_not_convert={config.modules_to_not_convert})")
+                         f"blocks (after modules_to_not_convert={list(spec.skip)})")
     text_config = _text_config(model)
     max_positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
-    if max_positions is not None and config.seq_len > max_positions:
-        raise ValueError(f"seq_len: {config.seq_len} is longer than the model's {max_positions} positions; "
+    if max_positions is not None and spec.seq_len > max_positions:
+        raise ValueError(f"seq_len: {spec.seq_len} is longer than the model's {max_positions} positions; "
                          f"allowed: 1..{max_positions}")
-    nm = config.nm
-    if nm is not None:
-        for group in modules:
-            for name, m in group.items():
-                cols = weight_matrix(m).shape[1]
-                if cols % nm[1]:
-                    raise ValueError(f"pattern: {config.pattern!r} needs the input size of every module to be a "
-                                     f"multiple of M={nm[1]}; {name} has {cols} inputs")
-    return CompressionPlan(blocks=blocks, modules=modules)
+    if spec.nm is not None:
+        for name, m in plan.all_modules.items():
+            cols = weight_matrix(m).shape[1]
+            if cols % spec.nm[1]:
+                raise ValueError(f"pattern: '{spec.nm[0]}:{spec.nm[1]}' needs the input size of every module to be a "
+                                 f"multiple of M={spec.nm[1]}; {name} has {cols} inputs")
+    return plan

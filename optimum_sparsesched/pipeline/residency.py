@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockInputs, non_block_modules, to_device
+from .sizes import format_bytes, parse_memory_size, tensor_bytes
 from .offload import check_offloaded_weights
 from .plan import CompressionPlan, weight_matrix
 
@@ -70,27 +71,17 @@ logger = logging.getLogger(__name__)
 
 FLOAT32 = 4
 
+@dataclass(frozen=True)
+class ResidencySpec:
+    """What the accounting uses: ``seq_len`` and OBS ``block_size``; ``damage_streams`` (``k`` below: 1 when the
+    schedule measures end-to-end damage, else 0); ``reconstruct``: block reconstruction runs; ``budget``:
+    ``max_device_memory`` in bytes (``None``: no cap)."""
 
-def format_bytes(n: int) -> str:
-    """``1234567`` -> ``"1234567 bytes (1.18 MiB)"``."""
-    size, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    return f"{n} bytes ({size:.3g} {unit})"
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages among ``tensors`` (a tensor shared by several blocks counts once)."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    for t in tensors:
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    seq_len: int
+    block_size: int = 128
+    damage_streams: int = 0
+    reconstruct: bool = False
+    budget: int | None = None
 
 
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:
@@ -151,12 +142,12 @@ def _text_config_value(model: nn.Module, *names: str, default: int = 0) -> int:
 
 
 def estimate_working_set(model: nn.Module, blocks: nn.ModuleList, modules: list[dict[str, nn.Module]],
-                         config: Any, damage_streams: int) -> WorkingSet:
-    """The working set of the largest block (``modules[i]``: block ``i``'s compressible modules) under ``config``
-    (``seq_len``, ``block_size``); ``damage_streams`` = ``k`` of the module docstring."""
+                         spec: ResidencySpec) -> WorkingSet:
+    """The working set of the largest block (``modules[i]``: block ``i``'s compressible modules) under ``spec``."""
+    damage_streams = spec.damage_streams
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     e = embeddings.weight.element_size() if embeddings is not None else next(model.parameters()).element_size()
-    S = config.seq_len
+    S = spec.seq_len
     d = _text_config_value(model, "hidden_size", "n_embd", "d_model",
                            default=getattr(embeddings, "embedding_dim", 0) or 0)
     heads = _text_config_value(model, "num_attention_heads", "n_head", "num_heads", default=1)
@@ -169,12 +160,11 @@ def estimate_working_set(model: nn.Module, blocks: nn.ModuleList, modules: list[
         max_cols = max(c for _, c in shapes)
         hessians = FLOAT32 * (3 * sum(c * c for _, c in shapes) + 3 * max_cols * max_cols)
         rows, cols = max(shapes, key=lambda rc: rc[0] * rc[1])
-        obs = FLOAT32 * (3 * rows * cols + 5 * rows * min(config.block_size, max(cols, 1)))
+        obs = FLOAT32 * (3 * rows * cols + 5 * rows * min(spec.block_size, max(cols, 1)))
         forward = e * S * (2 * d + sum(r for r, _ in shapes)) + FLOAT32 * heads * S * S + FLOAT32 * 2 * S * max_cols
         if index == 0:
             forward0 = weights + forward
-        reconstruction = ((2 * e + 21) * sum(r * c for r, c in shapes) + 3 * forward
-                          if getattr(config, "reconstruct_epochs", 0) else 0)
+        reconstruction = (2 * e + 21) * sum(r * c for r, c in shapes) + 3 * forward if spec.reconstruct else 0
         ws = WorkingSet(index, weights, hessians, obs, forward, weights if damage_streams else 0, 0, reconstruction)
         if best is None or ws.block_phase > best.block_phase:
             best = ws
@@ -280,24 +270,22 @@ def store(out: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     return out.to(previous.device)
 
 
-def plan_residency(model: nn.Module, plan: CompressionPlan, config: Any, damage_streams: int,
-                   write_back: bool = True) -> WorkingSet:
+def plan_residency(model: nn.Module, plan: CompressionPlan, spec: ResidencySpec, write_back: bool = True) -> WorkingSet:
     """Before any work: check that offloaded weights can be read (and, with ``write_back``, that the compressed
     modules' stores can be written: :func:`.offload.check_offloaded_weights`) and that one block's working set fits
     ``max_device_memory``. Returns the working-set estimate for :func:`decide_for_inputs`."""
     check_offloaded_weights(model, {id(m) for m in plan.all_modules.values()} if write_back else None)
-    working = estimate_working_set(model, plan.blocks, plan.modules, config, damage_streams)
-    require_fit(working.total, config.max_device_memory_bytes, working.describe())
+    working = estimate_working_set(model, plan.blocks, plan.modules, spec)
+    require_fit(working.total, spec.budget, working.describe())
     return working
 
 
-def decide_for_inputs(inputs: BlockInputs, working: WorkingSet, config: Any, device: torch.device,
-                      probe_windows: int, damage_streams: int) -> Residency:
+def decide_for_inputs(inputs: BlockInputs, working: WorkingSet, spec: ResidencySpec, device: torch.device,
+                      probe_windows: int) -> Residency:
     """After the capture: decide where the activations live, move them there, and log the figures."""
-    residency = decide_residency(working.total, activation_bytes(inputs, probe_windows, damage_streams,
-                                                                 bool(getattr(config, "reconstruct_epochs", 0))),
-                                 config.max_device_memory_bytes, device, free_device_memory(device),
-                                 detail=working.describe())
+    residency = decide_residency(working.total, activation_bytes(inputs, probe_windows, spec.damage_streams,
+                                                                 spec.reconstruct),
+                                 spec.budget, device, free_device_memory(device), detail=working.describe())
     place_activations(inputs, residency)
     logger.info("device memory: working set %s, activations %s %s", format_bytes(residency.working_set),
                 format_bytes(residency.activations),
@@ -306,6 +294,6 @@ def decide_for_inputs(inputs: BlockInputs, working: WorkingSet, config: Any, dev
     return residency
 
 
-__all__ = ["Residency", "WorkingSet", "activation_bytes", "compute_device", "decide_residency",
+__all__ = ["Residency", "ResidencySpec", "WorkingSet", "parse_memory_size", "activation_bytes", "compute_device", "decide_residency",
            "decide_for_inputs", "estimate_working_set", "format_bytes", "place_activations", "plan_residency",
            "require_fit", "store"]

@@ -14,13 +14,16 @@ from typing import Any, Mapping
 
 from huggingface_hub import EvalResult
 
+from ..config import SparseScheduleConfig
+
 #: calibration names of :mod:`.calibration` -> (hub dataset id, config)
 HUB_DATASET_IDS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"), "c4": ("allenai/c4", "en")}
 #: entries of an evaluation result other than its value (the key that a newer result replaces)
 EVAL_ARGS = ("seq_len", "windows", "num_fewshot", "samples")
 
 
-def quantization_config_of(model_or_config: Any) -> Any:
+def quantization_config_of(model_or_config: Any) -> SparseScheduleConfig:
+    """The ``SparseScheduleConfig`` of a compressed model (or the config itself); ``ValueError`` otherwise."""
     config = getattr(getattr(model_or_config, "config", None), "quantization_config", model_or_config)
     if getattr(config, "quant_method", None) != "sparse_schedule" or not hasattr(config, "results"):
         raise ValueError("model: not compressed by optimum-sparsesched (its config has no sparse_schedule "

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import QUANT_METHOD, saved_config_dict
-from .model_card import CARD_FILE, card_for_folder
+from ..formats.metadata import RESULTS_KEY, read_weights_metadata, results_digest
+from .model_card import CARD_FILE, CARD_RESULTS_KEY, card_for_folder, is_own_card
 from .staging import STAGING_PREFIX
 
 
@@ -54,6 +55,26 @@ def check_checkpoint_folder(folder: Any) -> dict[str, Any]:
     return config
 
 
+def check_folder_agrees(folder: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Refuse (``ValueError`` naming ``folder`` and the file) a checkpoint whose weight files, ``config.json`` and
+    model card describe different saves (a save killed while it swapped the files in, files copied between
+    checkpoints): the results digest each records must be the same."""
+    path = Path(folder)
+    results = (saved_config_dict(config).get("results") or {}).get("layer_sparsities") or {}
+    expected = results_digest(dict(results))
+    found = {p.name: (read_weights_metadata(p) or {}).get(RESULTS_KEY) for p in sorted(path.glob("*.safetensors"))}
+    card = path / CARD_FILE
+    if card.is_file() and is_own_card(card):
+        from huggingface_hub import ModelCard
+
+        found[CARD_FILE] = ModelCard.load(card, ignore_metadata_errors=True).data.to_dict().get(CARD_RESULTS_KEY)
+    for name, digest in found.items():
+        if digest is not None and digest != expected:
+            raise ValueError(f"folder: {str(path)!r}: {name} describes another save than config.json (results "
+                             f"digest {digest} != {expected}); save the model into this folder again before "
+                             "publishing it")
+
+
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: bool | str | None = None,
                 private: bool | None = None, commit_message: str | None = None,
                 commit_description: str | None = None, revision: str | None = None, create_pr: bool = False,
@@ -66,7 +87,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: bool | str | 
     """
     from huggingface_hub import HfApi
 
-    check_checkpoint_folder(folder)
+    check_folder_agrees(folder, check_checkpoint_folder(folder))
     check_repo_id(repo_id)
     for name, value in (("revision", revision), ("endpoint", endpoint), ("commit_message", commit_message)):
         if value is not None and (not isinstance(value, str) or not value.strip()):

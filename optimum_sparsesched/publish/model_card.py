@@ -30,7 +30,8 @@ from typing import Any, Iterable, Mapping
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..config import saved_config_dict
+from ..config import SparseScheduleConfig, saved_config_dict
+from ..formats.metadata import results_digest
 from ..pipeline.plan import module_sizes
 from ..schedule.allocators import weighted_mean
 from ..version import __version__
@@ -40,6 +41,8 @@ from .schedule_view import BlockRow, block_rows, is_uniform, module_table, plot_
 
 logger = logging.getLogger(__name__)
 
+#: what the card is built from: the config itself, or its dict as config.json holds it
+ConfigLike = SparseScheduleConfig | Mapping[str, Any]
 CARD_FILE = "README.md"
 PLOT_FILE = "sparsity_schedule.png"
 #: how the card names each layer solver (``solver`` option)
@@ -47,6 +50,8 @@ SOLVER_NAMES = {"sparsegpt": "SparseGPT",
                 "refit": "SparseGPT with the kept weights re-solved exactly (`solver=\"refit\"`)",
                 "admm": "an ADMM support search seeded by SparseGPT (`solver=\"admm\"`)"}
 CARD_TAG = "optimum-sparsesched"
+#: card metadata: the results digest of the weights the card describes (:func:`.formats.metadata.results_digest`)
+CARD_RESULTS_KEY = "optimum_sparsesched_results"
 BASE_TAGS = ("pruned", "sparse", "sparsegpt", CARD_TAG)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -82,7 +87,7 @@ def is_own_card(path: str | os.PathLike) -> bool:
     return CARD_TAG in tags
 
 
-def _config_dicts(quantization_config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _config_dicts(quantization_config: ConfigLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(as saved, flat)``: the config as ``config.json`` holds it, and one flat view of its options and results
     (checkpoints of 0.1.0 saved the results at the top level)."""
     saved = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
@@ -138,8 +143,6 @@ def _summary(qc: Mapping[str, Any], achieved: float, base_model: str | None, wei
             f"`{qc.get('schedule')}` layer-wise sparsity schedule")
     if qc.get("search_steps"):
         text += f", refined by {qc['search_steps']} steps of allocation search"
-    if qc.get("true_sequential"):
-        text += ", each block's modules group by group in forward order (true sequential)"
     if qc.get("reconstruct_epochs"):
         text += (f", each block's kept weights then fitted to the dense block's outputs ({qc['reconstruct_epochs']} "
                  "epochs of block reconstruction)")
@@ -168,7 +171,7 @@ def _evaluation(entries: list[Mapping[str, Any]]) -> str:
     return "\n".join(table)
 
 
-def build_model_card(quantization_config: Any, *, sizes: Mapping[str, int] | None = None,
+def build_model_card(quantization_config: ConfigLike, *, sizes: Mapping[str, int] | None = None,
                      base_model: str | None = None, model_name: str | None = None, repo_id: str | None = None,
                      plot_file: str | None = PLOT_FILE, extra_tags: Iterable[str] = (),
                      name_or_path: str | None = None, weights_source: str | None = None) -> ModelCard:
@@ -184,6 +187,8 @@ def build_model_card(quantization_config: Any, *, sizes: Mapping[str, int] | Non
     sparsities = qc.get("layer_sparsities") or {}
     if not sparsities:
         raise ValueError("quantization_config: no layer_sparsities; the model has not been compressed")
+    if isinstance(qc.get("measured"), dict):  # what the save measured on the weights, over what the run was asked
+        qc["pattern"] = qc["measured"].get("pattern")
     rows = block_rows(sparsities, sizes)
     known = sizes is not None and all(n in sizes for n in sparsities)
     achieved = weighted_mean(sparsities, sizes) if known else sum(sparsities.values()) / len(sparsities)
@@ -196,7 +201,8 @@ def build_model_card(quantization_config: Any, *, sizes: Mapping[str, int] | Non
     data = ModelCardData(base_model=base_model, tags=_tags(qc, extra_tags), library_name="transformers",
                          pipeline_tag="text-generation",
                          datasets=[HUB_DATASET_IDS[dataset][0]] if dataset in HUB_DATASET_IDS else None,
-                         model_name=model_name, eval_results=evals or None)
+                         model_name=model_name, eval_results=evals or None,
+                         **{CARD_RESULTS_KEY: results_digest(sparsities)})
     parts = [_title(label, qc, achieved), _summary(qc, achieved, base_model, weights_source)]
     if entries:
         parts += ["## Evaluation", _evaluation(entries)]
@@ -220,7 +226,8 @@ def build_model_card(quantization_config: Any, *, sizes: Mapping[str, int] | Non
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
 
 
-def write_model_card(folder: str | os.PathLike, quantization_config: Any, *, sizes: Mapping[str, int] | None = None,
+def write_model_card(folder: str | os.PathLike, quantization_config: ConfigLike, *,
+                     sizes: Mapping[str, int] | None = None,
                      base_model: str | None = None, model_name: str | None = None, repo_id: str | None = None,
                      extra_tags: Iterable[str] = (), name_or_path: str | None = None,
                      weights_source: str | None = None) -> ModelCard:

@@ -1,14 +1,16 @@
 """Saving a compressed model into a folder the user owns, with its model card, never losing or mixing anything.
 
-``save_pretrained`` of a compressed model (installed on the instance by :func:`install_save`) lets transformers write
-the checkpoint into a private staging folder inside the target, adds the model card (``README.md`` and
-``sparsity_schedule.png``, see :mod:`.model_card`) unless the folder holds a README you wrote, and swaps the files
-in one by one, ``config.json`` last (:func:`.staging.staged_folder`): only the files this save writes are replaced,
-stale weight files of an earlier save of ours are removed, everything else in the folder (``.git/``, subfolders,
-your files, tokenizer files) stays as it was, and a failure before the swap leaves the folder untouched. A save
-into (or around) the run's ``checkpoint_dir`` is refused: the resume state would be mixed into the published
-checkpoint. Under torch.distributed only rank 0 writes. A model whose weights accelerate offloaded is written block
-by block (:func:`.export.save_offloaded`) instead of by transformers, which would gather whole shards in memory.
+``save_pretrained`` of a compressed model (installed on the instance by :func:`install_save`) writes the checkpoint
+block by block (:func:`.writer.write_checkpoint`, the one writer of every mode: in memory, offloaded by accelerate,
+streamed) into a private staging folder inside the target, adds the model card (``README.md`` and
+``sparsity_schedule.png``, see :mod:`.model_card`) unless the folder holds a README you wrote
+(:func:`.writer.finish_folder`), and swaps the files in one by one, ``config.json`` last
+(:func:`.staging.staged_folder`): only the files this save writes are replaced, stale weight files of an earlier
+save of ours are removed, everything else in the folder (``.git/``, subfolders, your files, tokenizer files) stays
+as it was, and a failure before the swap leaves the folder untouched. A save into (or around) the run's
+``checkpoint_dir`` is refused: the resume state would be mixed into the published checkpoint. Under
+torch.distributed only rank 0 writes. ``type(model).save_pretrained(model, ...)`` goes around all this: a plain
+transformers save of the same tensors (the quantizer's state dict), without card or staging.
 
 ``save_pretrained(..., push_to_hub=True)`` saves the same way, then uploads the folder with
 :func:`optimum_sparsesched.push_to_hub` (repo named after the folder unless ``repo_id`` is given), and
@@ -24,13 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..formats.compressed_tensors import rewrite_config_json
 from ..pipeline.distributed import is_main_process
-from ..pipeline.offload import has_offloaded_weights
-from .export import save_offloaded
 from .hub import check_repo_id, push_to_hub
-from .model_card import CARD_FILE, card_for_model, is_own_card
 from .staging import staged_folder
+from .writer import check_save_kwargs, finish_folder, write_checkpoint
+
 #: ``save_pretrained(push_to_hub=True, ...)`` keywords that go to the upload, not to the save
 HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "token", "private", "revision")
 
@@ -69,20 +69,17 @@ def check_folders_apart(checkpoint_dir: Any, target: Path) -> None:
 
 
 def _save(model: Any, target: Path, args: tuple, kwargs: dict, repo_id: str | None = None,
-          extra_tags: Iterable[str] = ()) -> Any:
+          extra_tags: Iterable[str] = ()) -> None:
+    check_save_kwargs(args, kwargs)
     check_apart_from_checkpoint_dir(model, target)
+    if kwargs.get("is_main_process", True) is False:
+        return None
     with staged_folder(target) as staging:
-        if has_offloaded_weights(model):  # weights offloaded by accelerate: written block by block (.export)
-            result = save_offloaded(model, staging, *args, **kwargs)
-        else:
-            result = type(model).save_pretrained(model, staging, *args, **kwargs)
-        config = getattr(model.config, "quantization_config", None)
-        if getattr(config, "export_format", None) == "compressed-tensors":
-            rewrite_config_json(staging, model, config)
-        if not (target / CARD_FILE).is_file() or is_own_card(target / CARD_FILE):  # a user's README is kept
-            card_for_model(model, staging, model_name=repo_id.split("/")[-1] if repo_id else target.name,
-                           repo_id=repo_id, extra_tags=extra_tags)
-    return result
+        write_checkpoint(model, staging, model.config.quantization_config, kwargs.get("max_shard_size") or "50GB",
+                         kwargs.get("save_original_format", True))
+        finish_folder(model, staging, target, model_name=repo_id.split("/")[-1] if repo_id else target.name,
+                      repo_id=repo_id, extra_tags=extra_tags)
+    return None
 
 
 def push_model_to_hub(model: Any, repo_id: str, *, commit_message: str | None = None,

@@ -26,11 +26,11 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..config import parse_memory_size
+from ..pipeline.sizes import parse_memory_size
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -54,11 +54,13 @@ def shard_size_bytes(max_shard_size: int | str) -> int:
 
 
 class _OpenShard:
-    def __init__(self, folder: Path, number: int) -> None:
+    def __init__(self, folder: Path, number: int, digest: Callable[[torch.Tensor], str] | None = None) -> None:
         self.path = folder / f".shard-{number:05d}.tmp"
         self.parts = {size: open(folder / f".shard-{number:05d}.{size}.tmp", "wb") for size in ELEMENT_SIZES}
         self.entries: dict[str, tuple[str, list[int], int, int, int]] = {}  # name -> dtype, shape, size, start, end
         self.bytes = 0
+        self.digest = digest
+        self.digests: dict[str, str] = {}  # name -> content digest, with ``digest``
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         dtype = DTYPES.get(tensor.dtype)
@@ -71,14 +73,19 @@ class _OpenShard:
         f.write(memoryview(raw))
         self.entries[name] = (dtype, list(tensor.shape), t.element_size(), start, f.tell())
         self.bytes += f.tell() - start
+        if self.digest is not None:
+            self.digests[name] = self.digest(tensor)
 
     def close(self) -> None:
         """No more tensors: close the temporary parts (the shard is assembled by :meth:`assemble`)."""
         for f in self.parts.values():
             f.close()
 
-    def assemble(self, metadata: dict[str, str]) -> None:
-        """Write the header and the tensors' bytes into ``self.path``; remove the temporary parts."""
+    def assemble(self, metadata: dict[str, str], digests_key: str | None = None) -> None:
+        """Write the header (``metadata``, and under ``digests_key`` the JSON of this shard's tensor digests) and the
+        tensors' bytes into ``self.path``; remove the temporary parts."""
+        if digests_key is not None:
+            metadata = {**metadata, digests_key: json.dumps(self.digests, separators=(",", ":"), sort_keys=True)}
         base, header = {}, {"__metadata__": metadata}
         offset = 0
         for size in ELEMENT_SIZES:
@@ -108,14 +115,18 @@ class _OpenShard:
 
 class ShardWriter:
     """Write a checkpoint's tensors into safetensors shards in ``folder``, one tensor at a time (see the module
-    docstring). ``metadata``: the ``__metadata__`` of every shard (``{"format": "pt"}`` is always included)."""
+    docstring). ``metadata``: the ``__metadata__`` of every shard (``{"format": "pt"}`` is always included); with
+    ``digests=(key, function)`` every shard also records ``function(tensor)`` of each of its tensors, as JSON under
+    ``key``."""
 
     def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = "50GB",
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None,
+                 digests: tuple[str, Callable[[torch.Tensor], str]] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = shard_size_bytes(max_shard_size)
         self.metadata = {**(metadata or {}), "format": "pt"}
+        self.digests = digests
         self.closed: list[_OpenShard] = []
         self.current: _OpenShard | None = None
         self.names: set[str] = set()
@@ -131,7 +142,7 @@ class ShardWriter:
             if self.current is not None and self.current.entries and self.current.bytes + size > self.max_bytes:
                 self._close_current()
             if self.current is None:
-                self.current = _OpenShard(self.folder, len(self.closed) + 1)
+                self.current = _OpenShard(self.folder, len(self.closed) + 1, self.digests and self.digests[1])
             self.current.add(name, tensor)
             self.total_size += size
 
@@ -152,7 +163,7 @@ class ShardWriter:
         if metadata is not None:
             self.metadata = {**metadata, "format": "pt"}
         for shard in self.closed:
-            shard.assemble(self.metadata)
+            shard.assemble(self.metadata, self.digests and self.digests[0])
         count = len(self.closed)
         names = [SAFE_WEIGHTS_NAME] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
                                                        for i in range(1, count + 1)]

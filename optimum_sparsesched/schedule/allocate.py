@@ -17,6 +17,7 @@ from typing import Any
 
 from ..pipeline.plan import CompressionPlan
 from .allocators import level_schedule, optimal_allocation, owl_schedule, ramp_schedule, uniform_schedule
+from .spec import ScheduleSpec
 from .statistics import LayerStatistics
 
 AUTO_SEARCH_HALF_WIDTH = 0.3  # "auto" ranges are searched inside target ± this, within [0, 0.99]
@@ -35,31 +36,21 @@ class Allocation:
     search: dict[str, Any] | None = None
 
 
-def needs_statistics(config: Any) -> bool:
-    """Whether the schedule allocates from measured statistics (a dense pass over the probe windows first)."""
-    return config.schedule in ("hessian", "owl") and config.sparsity > 0
-
-
-def measures_damage(config: Any) -> bool:
-    """Whether that pass also measures each block's end-to-end damage (the KL streams)."""
-    return needs_statistics(config) and config.schedule == "hessian" and config.error_metric != "obs"
-
-
 def target_index(stats: LayerStatistics, sparsity: float) -> int:
     """The index of ``sparsity`` on the statistics' sparsity grid."""
     return int(round(sparsity * (len(stats.grid) - 1)))
 
 
-def damage_curves(plan: CompressionPlan, config: Any, stats: LayerStatistics) -> dict[int, Any]:
+def damage_curves(plan: CompressionPlan, spec: ScheduleSpec, stats: LayerStatistics) -> dict[int, Any]:
     """The ``hessian`` schedule's damage curve ``D_b(s)`` of every block ``b`` with compressed modules, on
     ``stats.grid``: ``P_b · L_b(s)`` with ``P_b = D_b / L_b(target)`` (``error_metric="kl-alone"``), or the local
     OBS curve ``L_b`` itself (``"obs"``)."""
-    t = target_index(stats, config.sparsity)
+    t = target_index(stats, spec.sparsity)
     curves = {}
     for i, group in enumerate(plan.modules):
         if group:
             local = sum(stats.curves[n] for n in group)
-            if config.error_metric == "obs":
+            if spec.error_metric == "obs":
                 curves[i] = local
             else:
                 assert stats.block_damage is not None
@@ -67,31 +58,31 @@ def damage_curves(plan: CompressionPlan, config: Any, stats: LayerStatistics) ->
     return curves
 
 
-def allocate_sparsities(plan: CompressionPlan, config: Any, stats: LayerStatistics | None) -> Allocation:
-    """The schedule's per-module sparsities; parameter-weighted, they average exactly to ``config.sparsity``."""
+def allocate_sparsities(plan: CompressionPlan, spec: ScheduleSpec, stats: LayerStatistics | None) -> Allocation:
+    """The schedule's per-module sparsities; parameter-weighted, they average exactly to ``spec.sparsity``."""
     sizes = plan.sizes
-    s = config.sparsity
-    if config.schedule == "uniform" or s == 0:
+    s = spec.sparsity
+    if spec.schedule == "uniform" or s == 0:
         return Allocation(uniform_schedule(sizes, s), {})
     layers = {f"block.{i}": list(group) for i, group in enumerate(plan.modules) if group}
     layer_sizes = {layer: sum(sizes[n] for n in names) for layer, names in layers.items()}
-    manual = tuple(config.sparsity_range) if config.sparsity_range != "auto" else None
+    manual = spec.sparsity_range
 
     def per_module(per_layer: dict[str, float]) -> dict[str, float]:
         return {n: per_layer[layer] for layer, names in layers.items() for n in names}
 
-    if config.schedule == "ramp":
+    if spec.schedule == "ramp":
         lo, hi = manual or (max(0.0, s - RAMP_DEFAULT_HALF_WIDTH), min(0.99, s + RAMP_DEFAULT_HALF_WIDTH))
         return Allocation(per_module(ramp_schedule(layer_sizes, s, lo, hi)), {})
     assert stats is not None, "the owl and hessian schedules allocate from measured statistics"
-    if config.schedule == "owl":
+    if spec.schedule == "owl":
         ratios = {f"block.{i}": stats.owl_ratio_block[i] for i, g in enumerate(plan.modules) if g}
-        lam = (manual[1] - manual[0]) / 2 if manual else config.owl_lambda
+        lam = (manual[1] - manual[0]) / 2 if manual else spec.owl_lambda
         return Allocation(per_module(owl_schedule(ratios, layer_sizes, s, lam)), per_module(ratios))
     # hessian
     t = target_index(stats, s)
     local = {layer: sum(stats.curves[n] for n in names) for layer, names in layers.items()}
-    curves = {f"block.{i}": c for i, c in damage_curves(plan, config, stats).items()}
+    curves = {f"block.{i}": c for i, c in damage_curves(plan, spec, stats).items()}
     errors = {layer: max(float(c[t]), 1e-30) for layer, c in curves.items()}
     estimates = {n: errors[layer] * float(stats.curves[n][t]) / (float(local[layer][t]) or 1.0)
                  for layer, names in layers.items() for n in names}
@@ -102,5 +93,5 @@ def allocate_sparsities(plan: CompressionPlan, config: Any, stats: LayerStatisti
         grid = stats.grid.tolist()
         best = optimal_allocation({k: (grid, c.tolist()) for k, c in curves.items()}, layer_sizes, s, *box)
         lo, hi = min(min(best.values()), s), max(max(best.values()), s)
-    per_layer = level_schedule(errors, layer_sizes, s, lo, hi, config.num_levels)
+    per_layer = level_schedule(errors, layer_sizes, s, lo, hi, spec.num_levels)
     return Allocation(per_module(per_layer), estimates, [lo, hi])

@@ -9,7 +9,7 @@ when a candidate first needs it:
   another block with as many compressed weights, so the parameter-weighted mean stays exactly on the target and
   every block stays inside ``[0, 0.99]``;
 - proposals: per step :data:`OFFSPRING` moves (block ``i`` +δ, block ``j`` −δ), drawn with a generator seeded by
-  ``config.seed``: half from the moves that the schedule's damage model ``D_b(s)`` predicts to lower the total
+  ``seed``: half from the moves that the schedule's damage model ``D_b(s)`` predicts to lower the total
   damage most (``D_j(s_j) − D_j(s_j−δ) − (D_i(s_i+δ) − D_i(s_i))``), half uniformly;
 - fitness: the mean per-token ``KL(p_dense ‖ p_candidate)`` of the next-token distributions on the schedule's probe
   windows (at :data:`FITNESS_POSITIONS` positions per window), with every block pruned at its level by SparseGPT on
@@ -19,7 +19,7 @@ when a candidate first needs it:
   them, and it replaces the parent when its KL is lower.
 
 Deterministic for a seed. The KL of the schedule's allocation and of the result are returned (and recorded in
-``config.results.search``); the compression itself then runs at the searched sparsities.
+``results.search``); the compression itself then runs at the searched sparsities.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from ..obs.inverse import InverseHessian
 from ..obs.prune import prune
 from ..obs.spec import PruneSpec
-from ..pipeline.blocks import BlockInputs, find_decoder_blocks, head_and_embeddings_on, run_block
+from ..pipeline.blocks import BlockInputs, find_decoder_blocks, head_and_embeddings_on
 from ..pipeline.hessians import collect_block_hessians
-from ..pipeline.plan import CompressionPlan, set_weight_matrix, weight_matrix
+from ..pipeline.plan import CompressionPlan
 from ..pipeline.sources import BlockSource
 from .allocate import Allocation, damage_curves
+from .spec import ScheduleSpec
 from .statistics import LayerStatistics, logits_from_last_hidden
 
 SEARCH_STEP = 0.025  # δ: the sparsity moved between two blocks by one move
@@ -72,9 +73,10 @@ class AllocationSearch:
 
     def __init__(self, model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, windows: torch.Tensor,
                  dense_inputs: Sequence[Sequence[torch.Tensor]], curves: dict[int, torch.Tensor],
-                 grid: torch.Tensor, config: Any, device: torch.device, source: BlockSource | None = None) -> None:
-        self.model, self.plan, self.inputs, self.config, self.device = model, plan, inputs, config, device
-        self.source = source or BlockSource()
+                 grid: torch.Tensor, spec: ScheduleSpec, device: torch.device,
+                 source: BlockSource | None = None) -> None:
+        self.model, self.plan, self.inputs, self.spec, self.device = model, plan, inputs, spec, device
+        self.source = source or BlockSource(plan)
         self.windows = windows
         self.dense_inputs = dense_inputs
         self.curves, self.grid = curves, grid
@@ -99,14 +101,12 @@ class AllocationSearch:
         """Block ``block``'s compressed modules pruned at ``level`` on its dense inputs' Hessians (cached)."""
         key = (block, round(level, 6))
         if key not in self.bank:
-            modules = self.plan.modules[block]
-            with self.source.visit(block, self.plan.blocks[block], self.device) as on:
-                accumulators = collect_block_hessians(self.plan.blocks[block], modules, self.inputs, block, on,
-                                                      list(self.dense_inputs[block]))
-                inverses = {id(a): InverseHessian(a.H, self.config.damp) for a in accumulators.values()}
-                spec = PruneSpec(level, block_size=self.config.block_size, damp=self.config.damp)
-                self.bank[key] = {n: prune(weight_matrix(m).to(on), inverses[id(accumulators[n])], spec).weight.cpu()
-                                  for n, m in modules.items()}
+            with self.source.visit(block, self.device, inputs=self.inputs) as visit:
+                accumulators = collect_block_hessians(visit, list(self.dense_inputs[block]))
+                inverses = {id(a): InverseHessian(a.H, self.spec.damp) for a in accumulators.values()}
+                spec = PruneSpec(level, block_size=self.spec.block_size, damp=self.spec.damp)
+                self.bank[key] = {n: prune(visit.weight(n), inverses[id(accumulators[n])], spec).weight.cpu()
+                                  for n in visit.modules}
         return self.bank[key]
 
     def stream(self, levels: Sequence[float], start: int, hidden: Sequence[torch.Tensor],
@@ -115,18 +115,9 @@ class AllocationSearch:
         windows); returns the inputs of every block from ``start`` on and the final output (``[L - start + 1]``)."""
         out = [list(hidden)]
         for b in range(start, len(self.plan.blocks)):
-            block, modules = self.plan.blocks[b], self.plan.modules[b]
             pruned = self.pruned_weights(b, levels[b])
-            with self.source.visit(b, block, self.device) as on:
-                dense = {n: weight_matrix(m).detach().clone() for n, m in modules.items()}
-                try:
-                    for n, m in modules.items():
-                        set_weight_matrix(m, pruned[n])
-                    out.append([run_block(block, h, self.inputs.args[b], self.inputs.kwargs[b], on,
-                                          self.inputs.returns_tuple).to(h.device) for h in out[-1]])
-                finally:
-                    for n, m in modules.items():
-                        set_weight_matrix(m, dense[n])
+            with self.source.visit(b, self.device, inputs=self.inputs) as visit, visit.swapped(pruned):
+                out.append([visit.forward(h).to(h.device) for h in out[-1]])
         return out
 
     def kl(self, final: Sequence[torch.Tensor], windows: Sequence[int]) -> float:
@@ -188,15 +179,15 @@ class AllocationSearch:
 
 
 def search_allocation(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, windows: torch.Tensor,
-                      stats: LayerStatistics, allocation: Allocation, config: Any,
+                      stats: LayerStatistics, allocation: Allocation, spec: ScheduleSpec,
                       device: torch.device, source: BlockSource | None = None) -> Allocation:
-    """``allocation`` (the ``hessian`` schedule's) refined by ``config.search_steps`` steps of the search, with the
+    """``allocation`` (the ``hessian`` schedule's) refined by ``spec.search_steps`` steps of the search, with the
     statistics pass's dense inputs (``stats.dense_inputs``) and damage curves. Returns a new ``Allocation`` whose
     ``search`` records the outcome."""
-    curves = damage_curves(plan, config, stats)
+    curves = damage_curves(plan, spec, stats)
     start = [allocation.targets[next(iter(group))] if group else 0.0 for group in plan.modules]
-    search = AllocationSearch(model, plan, inputs, windows, stats.dense_inputs, curves, stats.grid, config, device,
+    search = AllocationSearch(model, plan, inputs, windows, stats.dense_inputs, curves, stats.grid, spec, device,
                               source)
-    outcome = search.run(start, config.search_steps, config.seed)
+    outcome = search.run(start, spec.search_steps, spec.seed)
     targets = {n: outcome.levels[i] for i, group in enumerate(plan.modules) for n in group}
     return replace(allocation, targets=targets, search=outcome.record())

@@ -35,7 +35,7 @@ block's damage is its share of ``L_b``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -44,11 +44,13 @@ from tqdm.auto import tqdm
 from ..obs.inverse import InverseHessian
 from ..obs.prune import prune
 from ..obs.spec import PruneSpec
-from ..pipeline.blocks import BlockInputs, find_decoder_blocks, forwards_replaced, head_and_embeddings_on, run_block
+from ..pipeline.blocks import BlockInputs, find_decoder_blocks, forwards_replaced, head_and_embeddings_on
 from ..pipeline.hessians import collect_block_hessians
-from ..pipeline.plan import CompressionPlan, is_transposed, weight_matrix
-from ..pipeline.sources import BlockSource, is_offloaded, release_free_memory
+from ..pipeline.host_memory import release_free_memory
+from ..pipeline.plan import CompressionPlan, weight_matrix
+from ..pipeline.sources import BlockSource
 from ..pipeline.spill import TensorLists
+from .spec import ScheduleSpec
 
 CURVE_POINTS = 201  # sparsity grid 0, 0.005, ..., 1
 
@@ -131,34 +133,27 @@ def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
     return float(torch.cat(per_position, dim=1).mean())
 
 
-def _in_module_layout(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """``w`` ``[out, in]`` as a tensor laid out like ``module.weight`` (same dtype and strides)."""
-    return torch.empty_like(module.weight).copy_(w.t() if is_transposed(module) else w)
-
-
 @torch.no_grad()
 def measure_layer_statistics(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs,
-                             probe_windows: torch.Tensor, config: Any, device: torch.device,
-                             measure_damage: bool, source: BlockSource | None = None,
-                             keep_dense: bool = False) -> LayerStatistics:
+                             probe_windows: torch.Tensor, spec: ScheduleSpec, device: torch.device,
+                             source: BlockSource | None = None, keep_dense: bool = False) -> LayerStatistics:
     """Dense pass over the blocks on the probe windows ``[p, seq_len]`` (``inputs.hidden[:p]`` are their block-0
-    inputs): local loss curves, OWL ratios and, with ``measure_damage``, the end-to-end damage ``D_b`` of pruning
-    block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``. Blocks are visited through
-    ``source`` (default: a fresh :class:`.BlockSource`), which reads offloaded weights once per block. With
-    ``keep_dense`` the dense inputs of every block are kept (for :mod:`.search`)."""
-    source = source or BlockSource()
-    offloaded = is_offloaded(plan.blocks)
+    inputs): local loss curves, OWL ratios and, when ``spec.measures_damage``, the end-to-end damage ``D_b`` of
+    pruning block ``b`` alone at the target sparsity: ``D_b = KL(dense ‖ dense…P_b…dense)``. Blocks are visited
+    through ``source`` (default: a fresh :class:`.BlockSource` of ``plan``), which reads offloaded weights once per
+    block. With ``keep_dense`` the dense inputs of every block are kept (for :mod:`.search`)."""
+    source = source or BlockSource(plan)
+    offloaded = source.offloaded
     try:
-        with TensorLists(spill=measure_damage and offloaded) as streams:
-            return _measure(model, plan, inputs, probe_windows, config, device, measure_damage, source, streams,
-                            keep_dense)
+        with TensorLists(spill=spec.measures_damage and offloaded) as streams:
+            return _measure(model, plan, inputs, probe_windows, spec, device, source, streams, keep_dense)
     finally:
         if offloaded:
             release_free_memory()
 
 
-def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe_windows: torch.Tensor, config: Any,
-             device: torch.device, measure_damage: bool, source: BlockSource, streams: TensorLists,
+def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe_windows: torch.Tensor,
+             spec: ScheduleSpec, device: torch.device, source: BlockSource, streams: TensorLists,
              keep_dense: bool) -> LayerStatistics:
     grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
     stats = LayerStatistics(grid=grid)
@@ -166,42 +161,33 @@ def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe
     if keep_dense:
         stats.dense_inputs = [dense]
     # streams[b]: the probe windows with block b pruned, at the current depth
-    alone = PruneSpec(config.sparsity, block_size=config.block_size, damp=config.damp)  # unstructured, unquantized
-    for index, block in enumerate(tqdm(plan.blocks, desc="schedule: measure", unit="block")):
-        with source.visit(index, block, device) as on:
-            modules = plan.modules[index]
-            args, kwargs = inputs.args[index], inputs.kwargs[index]
+    alone = PruneSpec(spec.sparsity, block_size=spec.block_size, damp=spec.damp)  # unstructured, unquantized
+    for index in tqdm(range(len(plan.blocks)), desc="schedule: measure", unit="block"):
+        with source.visit(index, device, inputs=inputs) as visit:
+            modules = visit.modules
             dense_out: list[torch.Tensor] = []
-            accumulators = collect_block_hessians(block, modules, inputs, index, on, dense, dense_out)
+            accumulators = collect_block_hessians(visit, dense, dense_out)
             root_diag = {id(a): torch.sqrt(torch.diag(a.H)).unsqueeze(0) for a in accumulators.values()}
-            inverses = {id(a): InverseHessian(a.H, config.damp) for a in dict.fromkeys(accumulators.values())}
+            inverses = {id(a): InverseHessian(a.H, spec.damp) for a in dict.fromkeys(accumulators.values())}
             for a in accumulators.values():
                 a.H = None  # the inverses hold their own copies
             hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
             for name, m in modules.items():
                 stats.curves[name] = local_loss_curve(saliencies(weight_matrix(m), hessians[name]), grid)
             scores = WandaScores([(m, root_diag[id(accumulators[n])]) for n, m in modules.items()])
-            stats.owl_ratio_block.append(outlier_ratio(scores, config.owl_m))
-            if measure_damage:
-                pruned = {name: _in_module_layout(m, prune(weight_matrix(m), hessians[name], alone).weight)
-                          for name, m in modules.items()}
+            stats.owl_ratio_block.append(outlier_ratio(scores, spec.owl_m))
+            if spec.measures_damage:
+                pruned = {name: prune(visit.weight(name), hessians[name], alone).weight.to(m.weight.dtype)
+                          for name, m in modules.items()}  # in the model dtype: the copy the budget counts
                 for b in range(len(streams)):
-                    streams[b] = [run_block(block, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
-                                  for h in streams[b]]
-                dense_weights = {name: m.weight.data for name, m in modules.items()}
-                try:  # the block with its modules pruned alone, for the one new stream
-                    for name, m in modules.items():
-                        m.weight.data = pruned[name]
-                    streams.append([run_block(block, h, args, kwargs, on, inputs.returns_tuple).to(h.device)
-                                    for h in dense])
-                finally:
-                    for name, m in modules.items():
-                        m.weight.data = dense_weights[name]
-                del pruned, dense_weights
+                    streams[b] = [visit.forward(h).to(h.device) for h in streams[b]]
+                with visit.swapped(pruned):  # the block with its modules pruned alone, for the one new stream
+                    streams.append([visit.forward(h).to(h.device) for h in dense])
+                del pruned
             dense = dense_out
             if keep_dense:
                 stats.dense_inputs.append(dense)
-    if measure_damage:
+    if spec.measures_damage:
         stats.block_damage = _stream_damage(model, probe_windows, dense, streams, inputs.returns_tuple, device)
     return stats
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import block_visit, tiny_model
 from optimum_sparsesched.pipeline.blocks import capture_block_inputs, find_decoder_blocks
 from optimum_sparsesched.pipeline.hessians import HessianAccumulator, collect_block_hessians, input_groups
-from optimum_sparsesched.pipeline.plan import compressible_modules
 
 
 def test_non_finite_activations_raise():
@@ -19,43 +18,34 @@ def test_modules_reading_the_same_input_share_one_hessian():
     model = tiny_model("llama")
     inputs = capture_block_inputs(model, torch.randint(1, 500, (2, 16)), "cpu")
     _, blocks = find_decoder_blocks(model)
-    modules = compressible_modules(blocks[0])
-    acc = collect_block_hessians(blocks[0], modules, inputs, 0, "cpu")
-    assert acc["self_attn.q_proj"] is acc["self_attn.k_proj"] is acc["self_attn.v_proj"]
-    assert acc["mlp.gate_proj"] is acc["mlp.up_proj"]
+    with block_visit(model, inputs) as visit:
+        acc = collect_block_hessians(visit, inputs.hidden)
+    p = "model.layers.0."
+    assert acc[p + "self_attn.q_proj"] is acc[p + "self_attn.k_proj"] is acc[p + "self_attn.v_proj"]
+    assert acc[p + "mlp.gate_proj"] is acc[p + "mlp.up_proj"]
     assert len({id(a) for a in acc.values()}) == 4  # qkv, o, gate/up, down
     # the shared Hessian is the one of the (common) input
     seen = []
-    handle = modules["self_attn.k_proj"].register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, 64)))
+    k_proj = blocks[0].self_attn.k_proj
+    handle = k_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, 64)))
     for h in inputs.hidden:
         blocks[0](h, *inputs.args[0], **inputs.kwargs[0])
     handle.remove()
     X = torch.cat(seen)
-    torch.testing.assert_close(acc["self_attn.k_proj"].H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(acc[p + "self_attn.k_proj"].H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-def test_groups_come_in_forward_order_and_a_stopped_forward_collects_the_same_hessian(family):
+def test_groups_come_in_forward_order(family):
     model = tiny_model(family)
     inputs = capture_block_inputs(model, torch.randint(1, 500, (2, 16)), "cpu")
-    _, blocks = find_decoder_blocks(model)
-    modules = compressible_modules(blocks[0])
-    order = []
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: order.append(n)) for n, m in modules.items()]
-    blocks[0](inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
-    for h in handles:
-        h.remove()
-    groups = input_groups(blocks[0], modules, inputs, 0, "cpu", inputs.hidden[0])
-    assert sorted(sum(groups, [])) == sorted(modules) and len(groups) >= 3
+    with block_visit(model, inputs) as visit:
+        order = []
+        handles = [m.register_forward_hook(lambda m, a, o, n=n: order.append(n)) for n, m in visit.modules.items()]
+        visit.forward(inputs.hidden[0])
+        for h in handles:
+            h.remove()
+        groups = input_groups(visit, inputs.hidden[0])
+    assert sorted(sum(groups, [])) == sorted(visit.modules) and len(groups) >= 3
     firsts = [g[0] for g in groups]
     assert firsts == sorted(firsts, key=order.index)  # the order the forward reaches them
-    whole = collect_block_hessians(blocks[0], modules, inputs, 0, "cpu")
-    calls = []
-    handle = blocks[0].register_forward_hook(lambda m, a, o: calls.append(1))  # runs only for a complete forward
-    for group in groups:
-        part = {n: modules[n] for n in group}
-        alone = collect_block_hessians(blocks[0], part, inputs, 0, "cpu", groups=[group], stop_early=True)
-        for n in group:
-            assert torch.equal(alone[n].H, whole[n].H) and alone[n].n == whole[n].n
-    handle.remove()
-    assert len(calls) < len(groups) * len(inputs.hidden)  # the forwards stopped once the group was seen

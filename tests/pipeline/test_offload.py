@@ -18,7 +18,7 @@ import optimum_sparsesched as osp
 from conftest import SMALL, UNIFORM, tiny_model
 from optimum_sparsesched.pipeline.offload import has_offloaded_weights, offloaded_tensors
 from optimum_sparsesched.pipeline.spill import TensorLists
-from optimum_sparsesched.publish import export
+from optimum_sparsesched.publish import writer as export
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -4,13 +4,12 @@ the mask (and N:M pattern, and the quantization grid) exactly, and never keeps a
 import pytest
 import torch
 
-from conftest import CALIBRATION_TEXT, tiny_model
+from conftest import CALIBRATION_TEXT, block_visit, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
-from optimum_sparsesched.pipeline.blocks import capture_block_inputs, find_decoder_blocks, run_block
+from optimum_sparsesched.obs.reconstruct import KeptWeight, ReconstructSpec, on_grid, reconstruct_block, relative_error
+from optimum_sparsesched.pipeline.blocks import capture_block_inputs
 from optimum_sparsesched.pipeline.distributed import DistributedContext
-from optimum_sparsesched.pipeline.hessians import collect_block_hessians
-from optimum_sparsesched.pipeline.plan import compressible_modules, weight_matrix
-from optimum_sparsesched.pipeline.reconstruct import _on_grid, _relative_error, reconstruct_block
+from optimum_sparsesched.pipeline.plan import is_transposed, weight_matrix
 from optimum_sparsesched.sequential import compress_block
 
 OPTIONS = dict(dataset=str(CALIBRATION_TEXT), num_samples=4, seq_len=32, schedule="uniform", preset="sparsegpt")
@@ -22,35 +21,37 @@ def compressed_first_block(family, dtype=torch.float32, **options):
     model = tiny_model(family, dtype=dtype)
     inputs = capture_block_inputs(model, torch.randint(1, 500, (4, 32), generator=torch.Generator().manual_seed(0)),
                                   "cpu")
-    block = find_decoder_blocks(model)[1][0]
-    modules = compressible_modules(block)
-    targets = [run_block(block, h, inputs.args[0], inputs.kwargs[0], "cpu", inputs.returns_tuple)
-               for h in inputs.hidden]
     config = SparseScheduleConfig(**{**OPTIONS, **options})
-    accumulators = collect_block_hessians(block, modules, inputs, 0, "cpu")
-    compress_block(modules, accumulators, {n: config.sparsity for n in modules}, config, "cpu", "torch",
-                   DistributedContext())
-    return block, modules, inputs, targets, config
+    with block_visit(model, inputs) as visit:  # a resident CPU block: the visit object stays usable afterwards
+        targets = [visit.forward(h) for h in inputs.hidden]
+        compress_block(visit, inputs, {n: config.sparsity for n in visit.modules}, config, "torch", DistributedContext())
+    return visit, inputs, targets, config
 
 
 @torch.no_grad()
-def block_error(block, inputs, targets) -> float:
-    return sum(float(_relative_error(run_block(block, h, inputs.args[0], inputs.kwargs[0], "cpu",
-                                                inputs.returns_tuple), y))
-               for h, y in zip(inputs.hidden, targets)) / len(targets)
+def block_error(visit, inputs, targets) -> float:
+    return sum(float(relative_error(visit.forward(h), y)) for h, y in zip(inputs.hidden, targets)) / len(targets)
+
+
+def reconstruct(visit, inputs, targets, epochs, lr, **spec):
+    """Block reconstruction of the visited block, as the block loop calls it."""
+    weights = [KeptWeight(m.weight, is_transposed(m), visit.grids.get(n)) for n, m in visit.modules.items()]
+    return reconstruct_block(weights, lambda j: visit.forward(inputs.hidden[j]), targets,
+                             ReconstructSpec(epochs, lr, **spec), frozen=list(visit.block.parameters()))
 
 
 @pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("opt", torch.float32),
                                           ("gpt2", torch.float32), ("llama", torch.bfloat16)])
 def test_reconstruction_lowers_the_block_error_and_keeps_the_2of4_mask(family, dtype):
-    block, modules, inputs, targets, config = compressed_first_block(family, dtype, sparsity=0.5, pattern="2:4")
+    visit, inputs, targets, config = compressed_first_block(family, dtype, sparsity=0.5, pattern="2:4")
+    block, modules = visit.block, visit.modules
     zeros = {n: weight_matrix(m) == 0 for n, m in modules.items()}
-    before = block_error(block, inputs, targets)
+    before = block_error(visit, inputs, targets)
     flags = [p.requires_grad for p in block.parameters()]
-    fit = reconstruct_block(block, modules, inputs, 0, targets, "cpu", epochs=8, lr=1e-3, ctx=DistributedContext())
+    fit = reconstruct(visit, inputs, targets, epochs=8, lr=1e-3)
     assert fit.kept and fit.before == pytest.approx(before, rel=1e-5)
     assert fit.after < 0.9 * fit.before  # a clear gain, measured again below
-    assert block_error(block, inputs, targets) == pytest.approx(fit.after, rel=1e-5)
+    assert block_error(visit, inputs, targets) == pytest.approx(fit.after, rel=1e-5)
     for name, m in modules.items():
         w = weight_matrix(m)
         assert w.dtype == dtype and torch.isfinite(w).all()
@@ -60,26 +61,25 @@ def test_reconstruction_lowers_the_block_error_and_keeps_the_2of4_mask(family, d
 
 
 def test_a_worse_result_is_not_kept():
-    block, modules, inputs, targets, _ = compressed_first_block("llama", sparsity=0.5)
-    solved = {n: m.weight.detach().clone() for n, m in modules.items()}
-    fit = reconstruct_block(block, modules, inputs, 0, targets, "cpu", epochs=2, lr=1.0, ctx=DistributedContext())
+    visit, inputs, targets, _ = compressed_first_block("llama", sparsity=0.5)
+    solved = {n: m.weight.detach().clone() for n, m in visit.modules.items()}
+    fit = reconstruct(visit, inputs, targets, epochs=2, lr=1.0)
     assert not fit.kept and fit.after == fit.before
-    assert all(torch.equal(m.weight, solved[n]) for n, m in modules.items())  # bit for bit the solver's weights
+    assert all(torch.equal(m.weight, solved[n]) for n, m in visit.modules.items())  # bit for bit the solver's
 
 
 @pytest.mark.parametrize("group_size", [16, -1])
 def test_quantized_weights_end_on_their_grid(group_size):
-    block, modules, inputs, targets, config = compressed_first_block("llama", sparsity=0.5, bits=4,
-                                                                     group_size=group_size)
-    grids = {n: m.sparse_schedule_grid for n, m in modules.items()}
-    zeros = {n: weight_matrix(m) == 0 for n, m in modules.items()}
-    fit = reconstruct_block(block, modules, inputs, 0, targets, "cpu", epochs=8, lr=1e-3, ctx=DistributedContext(),
-                            bits=4, group_size=group_size)
+    visit, inputs, targets, config = compressed_first_block("llama", sparsity=0.5, bits=4, group_size=group_size)
+    grids = dict(visit.grids)
+    assert set(grids) == set(visit.modules)
+    zeros = {n: weight_matrix(m) == 0 for n, m in visit.modules.items()}
+    fit = reconstruct(visit, inputs, targets, epochs=8, lr=1e-3, bits=4, group_size=group_size)
     assert fit.after <= fit.before
-    for name, m in modules.items():
+    for name, m in visit.modules.items():
         w = weight_matrix(m).float()
-        assert m.sparse_schedule_grid is grids[name]  # the grid is the solve's
-        assert torch.equal(_on_grid(m, w, 4, group_size), w), name  # every weight is a grid value
+        assert visit.grids[name] is grids[name]  # the grid is the solve's
+        assert torch.equal(on_grid(w, grids[name], 4, group_size), w), name  # every weight is a grid value
         assert (w[zeros[name]] == 0).all(), name  # nothing pruned revives (a kept weight may round to the zero code)
 
 
@@ -127,9 +127,10 @@ def test_the_memory_estimate_counts_the_dense_stream_and_the_optimiser():
     from optimum_sparsesched.pipeline.residency import activation_bytes, estimate_working_set, tensor_bytes
 
     model = tiny_model("llama")
-    plan = plan_compression(model, SparseScheduleConfig(**OPTIONS))
+    plan = plan_compression(model, SparseScheduleConfig(**OPTIONS).plan_spec())
     off, on = (estimate_working_set(model, plan.blocks, plan.modules,
-                                    SparseScheduleConfig(**OPTIONS, reconstruct_epochs=e), 0) for e in (0, 3))
+                                    SparseScheduleConfig(**OPTIONS, reconstruct_epochs=e).residency_spec())
+               for e in (0, 3))
     weights = sum(m.weight.numel() for m in plan.modules[0].values())
     assert off.reconstruction == 0 and on.reconstruction == (2 * 4 + 21) * weights + 3 * on.forward
     assert on.block_phase == on.weights + max(on.hessians + max(on.obs, on.forward), on.reconstruction)

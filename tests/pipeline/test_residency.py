@@ -2,6 +2,8 @@
 accounting, an end-to-end run with the activations forced off the device (bit-identical weights), the refusal of
 too small a budget, and the progress bar's running error (offloaded weights: tests/pipeline/test_offload.py)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -58,15 +60,17 @@ def test_decision_block_does_not_fit():
 def test_working_set_accounting_of_a_llama_block():
     model = tiny_model("llama")  # q,o 64->64; k,v 64->32; gate,up 64->128; down 128->64
     cfg = SparseScheduleConfig(sparsity=0.5, **UNIFORM)
-    plan = plan_compression(model, cfg)
-    ws = estimate_working_set(model, plan.blocks, plan.modules, cfg, damage_streams=0)
+    plan = plan_compression(model, cfg.plan_spec())
+    spec = cfg.residency_spec()
+    ws = estimate_working_set(model, plan.blocks, plan.modules, spec)
     sum_cols2 = 6 * 64**2 + 128**2
     assert ws.hessians == 4 * (3 * sum_cols2 + 3 * 128**2)
     assert ws.weights == sum(p.numel() * 4 for p in plan.blocks[0].parameters())
     assert ws.obs == 4 * (3 * 128 * 64 + 5 * 128 * 64)  # gate/up/down have the most weights; B=128 > 64 cols
     assert ws.forward == 4 * 64 * (2 * 64 + (64 + 32 + 32 + 64 + 128 + 128 + 64)) + 4 * 4 * 64**2 + 4 * 2 * 64 * 128
     assert ws.schedule_copy == 0
-    assert estimate_working_set(model, plan.blocks, plan.modules, cfg, 1).schedule_copy == ws.weights
+    damage = dataclasses.replace(spec, damage_streams=1)
+    assert estimate_working_set(model, plan.blocks, plan.modules, damage).schedule_copy == ws.weights
     inputs = capture_block_inputs(model, torch.randint(1, 500, (4, 64)), "cpu")
     window = 64 * 64 * 4
     assert activation_bytes(inputs, 0, 0) >= 5 * window  # 4 windows + one in flight + the blocks' arguments

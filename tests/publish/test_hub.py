@@ -151,9 +151,6 @@ def test_card_metadata_for_patterns_bits_hub_datasets_and_local_bases():
     assert "sparsity_schedule.png" not in card.text and 'from_pretrained("me/gpt2-24")' in card.text
     assert [r.index for r in block_rows(sparsities, sizes)] == [0, 1, 2, None]
     assert "| other |" in card.text and "`attn.c_attn`" in card.text
-    assert "true sequential" not in card.text
-    qc.true_sequential = True
-    assert "group by group in forward order (true sequential)" in build_model_card(qc, sizes=sizes).text
     assert "block reconstruction" not in card.text
     qc.reconstruct_epochs = 3
     assert "fitted to the dense block's outputs (3 epochs of block reconstruction)" in build_model_card(qc, sizes=sizes).text
@@ -194,12 +191,12 @@ def test_record_eval_result_validates_replaces_and_keeps_the_fingerprint(compres
     cfg = osp.SparseScheduleConfig(sparsity=0.5, results={"layer_sparsities": {"model.layers.0.mlp.up_proj": 0.5}})
     model = tiny_model("llama")
     windows = calibration_windows(str(CALIBRATION_TEXT), tokenizer, 2, 16, 0)
-    before = fingerprint(cfg, windows, model)
+    before = fingerprint(cfg.fingerprint_options(), windows, model)
     osp.record_eval_result(cfg, 10.0, dataset="wikitext2", split="test", seq_len=128)
     osp.record_eval_result(cfg, 9.0, dataset="wikitext2", split="test", seq_len=128)  # replaces
     osp.record_eval_result(cfg, 11.0, dataset="wikitext2", split="test", seq_len=256)
     assert [r["value"] for r in cfg.results.eval_results] == [9.0, 11.0]
-    assert fingerprint(cfg, windows, model) == before  # a result field: resuming is not refused
+    assert fingerprint(cfg.fingerprint_options(), windows, model) == before  # a result field: resuming is not refused
     for kwargs, name in ((dict(value=float("nan"), dataset="x"), "value"), (dict(value=1.0, dataset=""), "dataset"),
                          (dict(value=1.0, dataset="x", seq_len=0), "seq_len")):
         with pytest.raises(ValueError, match=name):

@@ -1,12 +1,5 @@
-"""Command line: ``optimum-sparsesched compress [MODEL [OUT]] [-o OUT] [options]``, ``optimum-sparsesched eval MODEL
-[--dataset FILE] [--tasks T1,T2]`` and ``optimum-sparsesched push OUT REPO_ID``; the same commands run as
-``optimum-cli sparse-schedule ...``.
-
-With no MODEL, ``compress`` compresses the embedded default (:mod:`.default_model`) on the shipped calibration
-text and prints perplexity before and after with the one protocol of :mod:`.eval.perplexity`; ``MODEL OUT`` with
-no measurement asked streams checkpoint to checkpoint. Every input is checked before the model loads; a bad one
-prints one line on stderr and exits 2 (exit codes: 0 ok, 2 bad input).
-"""
+"""The commands: ``compress`` (:func:`_compress`; checkpoint to checkpoint in :func:`_compress_streaming`),
+``eval`` (:func:`_eval`) and ``push`` (:func:`_push`), dispatched by :func:`main`."""
 
 from __future__ import annotations
 
@@ -17,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref, check_output_folder,
+from .inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref, check_output_folder,
                          check_text_source, config_from_args, load_model, parse_tasks)
-from .cli_options import SUMMARY_OPTIONS, build_parser
+from .options import SUMMARY_OPTIONS, build_parser
 
 
 def _say(message: str) -> None:  # progress and measurements go to stderr, the summary to stdout
@@ -27,7 +20,7 @@ def _say(message: str) -> None:  # progress and measurements go to stderr, the s
 
 
 def _measure(model: Any, tok: Any, text: str, protocol: dict[str, Any]) -> Any:
-    from .eval.perplexity import perplexity_report
+    from ..eval.perplexity import perplexity_report
 
     try:
         return perplexity_report(model, tok, text, **protocol)
@@ -36,7 +29,7 @@ def _measure(model: Any, tok: Any, text: str, protocol: dict[str, Any]) -> Any:
 
 
 def _zero_shot(model: Any, tok: Any, a: argparse.Namespace, tasks: list[str]) -> dict[str, Any]:
-    from .eval.zero_shot import zero_shot
+    from ..eval.zero_shot import zero_shot
 
     try:
         return zero_shot(model, tok, tasks, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
@@ -79,13 +72,13 @@ def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype:
     ``dtype``, check ``cfg`` against it, run ``on_loaded(loaded)`` (measurements before), compress, run
     ``on_compressed(loaded)`` (measurements after, recorded in the card), save model, tokenizer and card to ``out``
     (None: nothing is saved). Returns the :class:`.cli_inputs.LoadedModel` with ``seconds`` (compression time)."""
-    from .pipeline.distributed import is_main_process
-    from .pipeline.plan import plan_compression
-    from .quantizer import compress
+    from ..pipeline.distributed import is_main_process
+    from ..pipeline.plan import plan_compression
+    from ..quantizer import compress
 
     loaded = load_model(model_ref, dtype, _say)
     try:
-        plan_compression(loaded.model, cfg)  # seq_len, modules_to_not_convert, pattern against the model
+        plan_compression(loaded.model, cfg.plan_spec())  # seq_len, modules_to_not_convert, pattern against the model
         if on_loaded is not None:
             on_loaded(loaded)
         t0 = time.perf_counter()
@@ -105,10 +98,10 @@ def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype:
 
 def _compress(a: argparse.Namespace) -> int:
     from .default_model import EVALUATION_TEXT
-    from .pipeline.distributed import is_main_process
-    from .pipeline.plan import module_sizes
-    from .publish.model_card import record_eval_result, record_zero_shot
-    from .schedule.allocators import weighted_mean
+    from ..pipeline.distributed import is_main_process
+    from ..pipeline.plan import module_sizes
+    from ..publish.model_card import record_eval_result, record_zero_shot
+    from ..schedule.allocators import weighted_mean
 
     out = check_output_folder(a.out, a.output, a.model)
     cfg = config_from_args(a)
@@ -170,10 +163,10 @@ def _compress_streaming(a: argparse.Namespace, cfg: Any, out: Path) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import compress_checkpoint
-    from .pipeline.distributed import is_main_process
-    from .pipeline.plan import module_sizes
-    from .schedule.allocators import weighted_mean
+    from .. import compress_checkpoint
+    from ..pipeline.distributed import is_main_process
+    from ..pipeline.plan import module_sizes
+    from ..schedule.allocators import weighted_mean
 
     t0 = time.perf_counter()
     try:
@@ -193,7 +186,7 @@ def _compress_streaming(a: argparse.Namespace, cfg: Any, out: Path) -> int:
 
 
 def _check_windows(loaded: Any, text: str, protocol: dict[str, Any]) -> None:
-    from .eval.perplexity import check_protocol, default_seq_len, eval_spans, read_eval_text
+    from ..eval.perplexity import check_protocol, default_seq_len, eval_spans, read_eval_text
 
     seq_len = protocol["seq_len"] or default_seq_len(loaded.model)
     check_protocol(loaded.model, seq_len, protocol["stride"], protocol["max_windows"])
@@ -221,7 +214,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool, out: Path | None) -> 
 
 
 def _push(a: argparse.Namespace) -> int:
-    from . import push_to_hub
+    from .. import push_to_hub
 
     try:
         url = push_to_hub(a.out, a.repo_id, private=True if a.private else None, commit_message=a.commit_message,

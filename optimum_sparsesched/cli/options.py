@@ -7,9 +7,9 @@ import argparse
 import inspect
 from typing import Any
 
-from .cli_inputs import DTYPES, EMBEDDED
-from .config import ERROR_METRICS, EXPORT_FORMATS, PRESETS, SCHEDULES, SOLVERS, SparseScheduleConfig
-from .eval.perplexity import DEFAULT_SEQ_LEN
+from .inputs import DTYPES, EMBEDDED
+from ..config import ERROR_METRICS, EXPORT_FORMATS, PRESETS, SCHEDULES, SOLVERS, SparseScheduleConfig
+from ..eval.perplexity import DEFAULT_SEQ_LEN
 
 
 class Parser(argparse.ArgumentParser):
@@ -20,8 +20,7 @@ class Parser(argparse.ArgumentParser):
 
 
 #: the options the compress summary prints
-SUMMARY_OPTIONS = ("pattern", "bits", "schedule", "preset", "solver", "search_steps", "true_sequential",
-                   "reconstruct_epochs")
+SUMMARY_OPTIONS = ("pattern", "bits", "schedule", "preset", "solver", "search_steps", "reconstruct_epochs")
 
 
 def _compress_parser(sub: Any) -> None:
@@ -53,8 +52,6 @@ def _compress_parser(sub: Any) -> None:
     g.add_argument("--solver", default=None, choices=SOLVERS, help="layer solver: sparsegpt (the OBS scan), refit "
                    "(its kept weights refitted exactly), admm (mask searched by ADMM, then refitted) [the preset's: "
                    f"{PRESETS[d['preset']]['solver']}]")
-    g.add_argument("--true-sequential", action="store_true", help="compress a block's modules group by group in "
-                   "forward order, each from the compressed groups' outputs [all from the dense block]")
     g.add_argument("--reconstruct-epochs", type=int, default=None, help="epochs of block reconstruction: the kept "
                    "weights of each block fitted to the dense block's outputs (mask fixed), 0 = off [the preset's: "
                    f"{PRESETS[d['preset']]['reconstruct_epochs']}]")

@@ -4,7 +4,6 @@ embedded default). A bad one raises :class:`UsageError`, which the CLI prints as
 
 from __future__ import annotations
 
-import codecs
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ class LoadedModel:
 def config_from_args(a: Any) -> Any:
     """The compression options of ``compress`` -> ``SparseScheduleConfig`` (the embedded run's defaults when no
     MODEL is given)."""
-    from .config import SparseScheduleConfig
+    from ..config import SparseScheduleConfig
     from .default_model import CALIBRATION_TEXT
 
     embedded = a.model is None
@@ -53,7 +52,7 @@ def config_from_args(a: Any) -> Any:
                    group_size=a.group_size, sym=a.sym, damp=a.damp, block_size=a.block_size,
                    error_metric=a.error_metric, probe_samples=pick("probe_samples"), sparsity_range=rng,
                    num_levels=a.num_levels, owl_m=a.owl_m, owl_lambda=a.owl_lambda, preset=a.preset,
-                   solver=a.solver, search_steps=a.search_steps, true_sequential=a.true_sequential,
+                   solver=a.solver, search_steps=a.search_steps,
                    reconstruct_epochs=a.reconstruct_epochs, reconstruct_lr=a.reconstruct_lr,
                    dataset=a.dataset or (str(CALIBRATION_TEXT) if embedded else "wikitext2"),
                    num_samples=pick("num_samples"), seq_len=pick("seq_len"), seed=a.seed,
@@ -67,30 +66,18 @@ def config_from_args(a: Any) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def _check_utf8(path: Path, option: str) -> int:
-    """Decode ``path`` as UTF-8 in chunks; returns the number of non-blank characters."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, content = 0, 0
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                content += len(decoder.decode(chunk).strip())
-                offset += len(chunk)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{option}: {path.name!r} is not UTF-8 text ({exc.reason} at byte {offset + exc.start})") \
-            from None
-    except OSError as exc:
-        raise UsageError(f"{option}: {path.name!r} cannot be read ({exc.strerror})") from None
-    return content
-
-
 def check_eval_text(path: str, option: str) -> str:
     """``path`` is a readable, non-empty UTF-8 text file; returns it."""
+    from ..pipeline.calibration import check_text_file
+
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{option}: {path!r} is not a file; allowed: a UTF-8 text file")
-    if not _check_utf8(p, option):
+    try:
+        chars = check_text_file(p, option)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not chars:
         raise UsageError(f"{option}: {p.name!r} holds no text")
     return path
 
@@ -98,24 +85,12 @@ def check_eval_text(path: str, option: str) -> str:
 def check_text_source(dataset: Any, option: str) -> None:
     """A calibration ``dataset`` that names local files: every ``.txt`` file is UTF-8 and one holds text; a hub name
     (``wikitext2``, ``c4``): it loads now, before the model (the Hub may be out of reach)."""
-    if isinstance(dataset, str) and not os.path.exists(dataset):
-        from .pipeline.calibration import load_texts
+    from ..pipeline.calibration import CalibrationSource
 
-        try:
-            load_texts(dataset)
-        except Exception as exc:  # datasets' many ways to say "not reachable / not cached"
-            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise UsageError(f"{option}: {dataset!r} could not be loaded ({type(exc).__name__}: {reason[:160]}); "
-                             "pass a local .txt file or folder") from None
-        return
-    if not isinstance(dataset, (str, os.PathLike)):
-        return  # an in-memory dataset: checked by the config
-    path = Path(dataset)
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    if not files:
-        raise UsageError(f"{option}: the folder {path.name!r} holds no .txt file")
-    if not sum(_check_utf8(f, option) for f in files):
-        raise UsageError(f"{option}: {path.name!r} holds no text")
+    try:
+        CalibrationSource(dataset).check_readable(option)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_output_folder(out: str | None, output: str | None, model: str | None) -> Path | None:
@@ -142,7 +117,7 @@ def check_output_folder(out: str | None, output: str | None, model: str | None) 
 def _written_by_us(config_json: Path) -> bool:
     import json
 
-    from .config import saved_config_dict
+    from ..config import saved_config_dict
 
     try:
         return saved_config_dict(json.loads(config_json.read_text())) is not None

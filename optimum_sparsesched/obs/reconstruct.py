@@ -1,0 +1,179 @@
+"""Block reconstruction: after a block's modules are compressed, a few epochs of Adam on their kept weights (the
+mask fixed) so that the compressed block reproduces the dense model's output of that block — the block-level
+refinement of the layer solvers beside it (:mod:`.prune`).
+
+Objective, per calibration window ``j`` (hidden states ``[1, S, d]``)::
+
+    ℓ_j(Ŵ) = ‖f_b(Ŵ; X̂_j) − Y_j‖² / ‖Y_j‖²,        Y_j = f_b(W; X_j)
+
+with ``X̂_j`` the window's input to block ``b`` in the compressed model, ``X_j`` its input in the dense model and
+``f_b`` the whole block (norms, attention, MLP, residuals). The OBS solve minimises ``‖W X̂ − Ŵ X̂‖²`` for every
+Linear alone; this objective sees how the block's modules act together and aims at the dense activations, so it also
+corrects part of the error the blocks before it left in ``X̂`` (block-wise reconstruction as in EBFT, Guo et al.
+2024). The caller gives the block as a function ``forward(j)`` (window ``j``'s output, with the gradient) and the
+targets ``Y_j``; nothing here knows about models, devices or ranks beyond that.
+
+- **Mask.** ``M = (Ŵ ≠ 0)`` after the OBS solve; every gradient is multiplied by ``M`` and the weights are masked
+  after every step: the sparsity, and any N:M pattern, stay exactly those of the solve.
+- **Optimiser.** Adam (learning rate ``lr``, cosine decay to 0 over ``epochs × windows`` steps), one window per step,
+  on float32 master copies of the weights whatever the model dtype (the forward runs in the model dtype).
+- **Quantized weights** (``bits``): at the end every weight is rounded back onto its module's grid (the grid of the
+  OBS solve, unchanged), so the stored codes still describe the weights exactly.
+- **Guard.** The mean ``ℓ`` over all windows is measured before and after; the new weights are kept only if it is
+  lower and finite, else the solve's weights are restored bit for bit: never worse than the OBS result on the
+  calibration windows.
+- **Distributed** (a :class:`Reducer`): every rank runs its own windows; each step's gradients are summed over the
+  ranks (ranks with fewer windows add zeros), so all ranks take identical steps and keep identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .grid import column_groups, round_onto_grid
+
+
+class Reducer(Protocol):
+    """The collectives reconstruction needs (``pipeline.distributed.DistributedContext`` is one)."""
+
+    rank: int
+    world: int
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class SingleProcess:
+    """The :class:`Reducer` of one process."""
+
+    rank, world = 0, 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+@dataclass(frozen=True)
+class ReconstructSpec:
+    """``epochs`` over the windows at learning rate ``lr`` (cosine decay), the window order drawn from ``seed`` and
+    the block index; with ``bits`` the weights are rounded back onto their ``group_size`` grids at the end."""
+
+    epochs: int
+    lr: float
+    seed: int = 0
+    bits: int | None = None
+    group_size: int = -1
+
+
+@dataclass(frozen=True)
+class KeptWeight:
+    """One compressed module's weight as reconstruction sees it: ``param`` (in the module's own layout;
+    ``transposed`` when that is ``[in, out]``, GPT-2's Conv1D) and its quantization ``grid`` ``(scale, zero)``
+    float32 ``[out, groups]`` (``None`` when not quantized)."""
+
+    param: nn.Parameter
+    transposed: bool = False
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The block's mean relative output error ``ℓ`` before and after, and whether the new weights were kept."""
+
+    before: float
+    after: float
+    kept: bool
+
+
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``‖out − target‖² / ‖target‖²`` in float32 (a 0-dim tensor, differentiable in ``out``)."""
+    target = target.detach().to(out.device, torch.float32)
+    return ((out.float() - target) ** 2).sum() / (target**2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def on_grid(w: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
+    """``w`` ``[rows, cols]`` (float32) rounded onto its ``bits``-bit grids ``(scale, zero)`` ``[rows, groups]``
+    (columns in consecutive groups of ``group_size``; ``-1``: one group per row)."""
+    g = column_groups(w.shape[1], group_size, w.device)
+    scale, zero = (t.to(w.device)[:, g] for t in grid)
+    return round_onto_grid(w, scale, zero, 2**bits - 1)
+
+
+@torch.no_grad()
+def reconstruct_block(weights: Sequence[KeptWeight], forward: Callable[[int], torch.Tensor],
+                      targets: Sequence[torch.Tensor], spec: ReconstructSpec, block_index: int = 0,
+                      reducer: Reducer | None = None, frozen: Sequence[nn.Parameter] = ()) -> Reconstruction:
+    """Adjust the kept entries of ``weights`` in place so that ``forward(j)`` (the block's output on its
+    compressed-model input ``j``, ``j < len(targets)``) approaches ``targets[j]`` (the dense block's output on the
+    dense input), ``spec.epochs`` passes over the windows; ``frozen``: the block's other parameters, held without
+    gradients meanwhile. Returns the errors before and after."""
+    reducer = reducer or SingleProcess()
+    params = [w.param for w in weights]
+    if not params:
+        return Reconstruction(0.0, 0.0, False)
+    count = len(targets)
+    masks = [p != 0 for p in params]
+    saved = [p.detach().clone() for p in params]
+    masters = [p.detach().float() * m for p, m in zip(params, masks)]
+
+    def window_error(j: int) -> torch.Tensor:
+        return relative_error(forward(j), targets[j])
+
+    def mean_error() -> float:
+        local = torch.tensor([sum(float(window_error(j)) for j in range(count)), float(count)],
+                             dtype=torch.float64, device=masters[0].device)
+        total = reducer.all_reduce_sum(local)
+        return float(total[0] / total[1].clamp_min(1))
+
+    before = mean_error()
+    counts = torch.zeros(reducer.world, dtype=torch.float64, device=masters[0].device)
+    counts[reducer.rank] = count
+    steps_per_epoch = int(reducer.all_reduce_sum(counts).max())
+    total_steps = max(spec.epochs * steps_per_epoch, 1)
+    optimizer = torch.optim.Adam(masters, lr=spec.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    generator = torch.Generator().manual_seed((spec.seed + block_index) % 2**63)
+    requires = {p: p.requires_grad for p in (*frozen, *params)}
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(spec.epochs):
+            for j in torch.randperm(steps_per_epoch, generator=generator).tolist():
+                contributes = j < count
+                if contributes:
+                    with torch.enable_grad():
+                        window_error(j).backward()
+                grads = [(p.grad.float() * m) if contributes else torch.zeros_like(s)
+                         for p, m, s in zip(params, masks, masters)]
+                steps = reducer.all_reduce_sum(torch.tensor([float(contributes)], dtype=torch.float64,
+                                                            device=masters[0].device))
+                for master, grad in zip(masters, grads):
+                    master.grad = reducer.all_reduce_sum(grad) / float(steps.clamp_min(1))
+                optimizer.step()
+                schedule.step()
+                for p, master, m in zip(params, masters, masks):
+                    master.mul_(m)
+                    p.grad = None
+                    p.data.copy_(master)
+    finally:
+        for p in params:
+            p.grad = None
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    if spec.bits is not None:
+        for w, m in zip(weights, masks):
+            if w.grid is not None:
+                matrix = w.param.t() if w.transposed else w.param
+                rounded = on_grid(matrix.float(), w.grid, spec.bits, spec.group_size)
+                w.param.data.copy_((rounded.t() if w.transposed else rounded) * m)
+    after = mean_error()
+    kept = after < before and all(bool(torch.isfinite(p).all()) for p in params)
+    if not kept:
+        for p, s in zip(params, saved):
+            p.data.copy_(s)
+    return Reconstruction(before, after if kept else before, kept)
