@@ -113,19 +113,15 @@ def test_streamed_checkpoint_reloads_like_the_in_memory_model(sharded, tmp_path)
 
 def kill_at_block_1(monkeypatch):
     """Make the streaming run die (KeyboardInterrupt) when block 1 reaches the output, after it was checkpointed;
-    returns the real sink factory to put back."""
-    real_sink = streaming._block_sink
+    returns the writer's real ``add_block`` to put back."""
+    real_sink = streaming.CheckpointWriter.add_block
 
-    def failing_sink(model, config, writer):
-        sink = real_sink(model, config, writer)
+    def fail_at_block_1(self, visit):
+        if visit.index == 1:
+            raise KeyboardInterrupt("killed")
+        real_sink(self, visit)
 
-        def fail_at_block_1(index, block, modules):
-            if index == 1:
-                raise KeyboardInterrupt("killed")
-            sink(index, block, modules)
-        return fail_at_block_1
-
-    monkeypatch.setattr(streaming, "_block_sink", failing_sink)
+    monkeypatch.setattr(streaming.CheckpointWriter, "add_block", fail_at_block_1)
     return real_sink
 
 
@@ -147,7 +143,7 @@ def test_resume_after_a_failure_and_out_untouched_until_complete(reconstruct_epo
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["finished_blocks"] == 2
 
-    monkeypatch.setattr(streaming, "_block_sink", real_sink)
+    monkeypatch.setattr(streaming.CheckpointWriter, "add_block", real_sink)
     osp.compress_checkpoint(src, out, options)  # resumes at block 2
     osp.compress_checkpoint(src, tmp_path / "uninterrupted", dict(sparsity=0.5, reconstruct_epochs=reconstruct_epochs,
                                                                   **UNIFORM))
@@ -167,7 +163,7 @@ def test_hessian_schedule_resume_streams_and_checks_every_block(sharded, tmp_pat
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["finished_blocks"] == 2 and len(manifest["weights"]["blocks"]) == 3
     assert not (tmp_path / "out").exists()  # made for the run, removed with it
-    monkeypatch.setattr(streaming, "_block_sink", real_sink)
+    monkeypatch.setattr(streaming.CheckpointWriter, "add_block", real_sink)
     osp.compress_checkpoint(src, tmp_path / "out", options)
     osp.compress_checkpoint(src, tmp_path / "uninterrupted", dict(sparsity=0.6, **SMALL))
     assert_same_checkpoint(tmp_path / "out", tmp_path / "uninterrupted", output_neutral=("checkpoint_dir",))

@@ -75,12 +75,12 @@ def test_a_failed_save_leaves_the_folder_as_it_was(models, tmp_path, monkeypatch
     old.save_pretrained(out)
     user_files(out)
     before = snapshot(out)
-    import transformers.modeling_utils
+    from optimum_sparsesched.publish import shards
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken)
+    monkeypatch.setattr(shards._OpenShard, "assemble", broken)
     with pytest.raises(OSError, match="disk full"):
         new.save_pretrained(out)
     assert snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
