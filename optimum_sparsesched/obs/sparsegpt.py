@@ -21,6 +21,9 @@ The scan (per layer, ``W`` float32 with dead inputs already zeroed):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from .columns import fit_group, mark_nm_, prune_count, unstructured_mask
@@ -46,10 +49,11 @@ def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec,
         grids.append((grid.scale, grid.zero))
     total_prune = round(spec.sparsity * rows * cols)
     loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    zero = torch.zeros((), dtype=W.dtype, device=W.device)
     for i1 in range(0, cols, spec.block_size):
         i2 = min(i1 + spec.block_size, cols)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        Q1 = torch.zeros_like(W1) if grid is not None else None
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
@@ -59,22 +63,38 @@ def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec,
             mask1 = unstructured_mask(W1, d, prune_count(total_prune, i1, i2, cols))
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            if mask is None and nm is not None and i % nm[1] == 0:
-                mark_nm_(mask1, W1, d, i, nm)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            if grid is not None:
-                if group_size != -1 and (i1 + i) % group_size == 0:
-                    grids.append(fit_group(grid, W, W1, mask1, i, i1, group_size))
-                q = grid.quantize(q.unsqueeze(1)).squeeze(1)
-                q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            loss += 0.5 * torch.sum(err**2)
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+        with loop_threads(W):
+            for i in range(i2 - i1):
+                w = W1[:, i]  # final for this column: the updates below reach only the columns after it
+                if mask is None and nm is not None and i % nm[1] == 0:
+                    mark_nm_(mask1, W1, d, i, nm)
+                if grid is None:  # (w - q) / d with q = 0 where pruned, w where kept
+                    err = torch.where(mask1[:, i], w / d[i], zero)
+                else:
+                    if group_size != -1 and (i1 + i) % group_size == 0:
+                        grids.append(fit_group(grid, W, W1, mask1, i, i1, group_size))
+                    q = grid.quantize(w.masked_fill(mask1[:, i], 0).unsqueeze(1)).squeeze(1)
+                    Q1[:, i] = q.masked_fill_(mask1[:, i], 0)
+                    err = (w - Q1[:, i]) / d[i]
+                Err1[:, i] = err
+                W1[:, i + 1:] -= torch.outer(err, U1[i, i + 1:])
+        loss += 0.5 * torch.sum(Err1**2)
+        W[:, i1:i2] = W1.masked_fill_(mask1, 0) if grid is None else Q1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return W, float(loss), grids
+
+
+@contextmanager
+def loop_threads(W: torch.Tensor) -> Iterator[None]:
+    """One CPU thread for the column loop: its ops touch at most ``rows × block_size`` floats each, where a second
+    thread only adds fork/join (and, on a busy machine, spinning) to every op; the lazy block updates outside
+    the loop keep every thread. Nothing changes on a GPU or where torch already runs one thread."""
+    threads = torch.get_num_threads()
+    if W.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
