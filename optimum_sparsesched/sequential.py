@@ -195,11 +195,14 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
             else:
                 # true_sequential: one group of modules reading the same input at a time, in forward order, each
                 # from the inputs the already compressed groups before it produce; else the whole block at once
-                groups = input_groups(block, modules, inputs, index, on, inputs.hidden[0])
-                for names in groups if config.true_sequential else [list(modules)]:
+                # (without it the groups are read off the Hessian pass's first window, and every pass stops once the
+                # last group's input is seen: the block's outputs come from the compressed block below)
+                groups = input_groups(block, modules, inputs, index, on, inputs.hidden[0]) \
+                    if config.true_sequential else None
+                for names in groups if groups else [list(modules)]:
                     part = {name: modules[name] for name in names}
-                    accumulators = collect_block_hessians(block, part, inputs, index, on, groups=[
-                        g for g in groups if g[0] in part], stop_early=config.true_sequential)
+                    accumulators = collect_block_hessians(block, part, inputs, index, on, groups=groups and [
+                        g for g in groups if g[0] in part], stop_early=True)
                     losses.update(compress_block(part, accumulators, allocation.targets, config, on, kernel, ctx,
                                                  first=list(modules).index(names[0])))
                     del accumulators
@@ -210,7 +213,7 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
                                 "" if fit.kept else " (not lower: the solver's weights kept)")
                 achieved.update({n: float((m.weight == 0).sum().item() / m.weight.numel())
                                  for n, m in modules.items()})
-            for j, h in enumerate(inputs.hidden):
+            for j, h in enumerate(inputs.hidden if index + 1 < len(plan.blocks) else []):  # the last feeds none
                 out = run_block(block, h, inputs.args[index], inputs.kwargs[index], on, inputs.returns_tuple)
                 inputs.hidden[j] = store(out, h)
             if checkpoint is not None and index >= finished and ctx.is_main:  # while the weights are materialised
