@@ -61,6 +61,7 @@ def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec,
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
+        d2 = d.square().unsqueeze(0)
         if mask is not None:
             mask1 = mask[:, i1:i2]
         elif nm is None:
@@ -73,7 +74,7 @@ def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec,
                 for i in range(s1, s2):
                     w = W1[:, i]  # final for this column: the updates below reach only the columns after it
                     if mask is None and nm is not None and i % nm[1] == 0:
-                        mark_nm_(mask1, W1, d, i, nm)
+                        mark_nm_(mask1, W1, d2, i, nm)
                     if grid is None:  # (w - q) / d with q = 0 where pruned, w where kept
                         err = torch.where(mask1[:, i], w / d[i], zero)
                     else:
