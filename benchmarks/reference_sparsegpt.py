@@ -19,7 +19,11 @@ protocol) and the model in float32 on the CPU. Reported:
    (first 16 windows of 512 tokens each), and the CPU seconds (user+sys, all threads) of each compression.
 
     python benchmarks/reference_sparsegpt.py REF_CHECKOUT MODEL_DIR [--pattern 2:4 | --sparsity 0.5]
-        [--sides reference ours] [--layer0-only] [--triton] [--out benchmarks/results/reference/2of4.json]
+        [--sides reference ours] [--layer0-only] [--triton] [--device cuda] [--kernels auto torch triton]
+        [--out benchmarks/results/reference/2of4.json]
+
+On a GPU (``--device cuda``, the default there) ``--triton`` compares the compiled Triton scan on block 0 and
+``--kernels torch triton`` gives one whole-model row per scan.
 
 ``--sides ours`` with ``PYTHONPATH=<an older worktree>`` measures an older commit of the package alone (bisecting).
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import EVAL_FILE, wikitext_calibration_text, write_result  # noqa: E402
 
 SHAKESPEARE = Path(__file__).parent / "data" / "shakespeare.txt"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # --device
 
 
 def import_reference(checkout: str):
@@ -73,7 +79,7 @@ def reference_sequential(model, windows, ref, modelutils, sparsity: float, nm: t
 
     from optimum_sparsesched.pipeline.blocks import capture_block_inputs, run_block
 
-    inputs = capture_block_inputs(model, windows, "cpu")
+    inputs = capture_block_inputs(model, windows, DEVICE, DEVICE)
     layers = model.model.layers
     prunen, prunem = nm or (0, 0)
     for i, layer in enumerate(layers):
@@ -87,7 +93,7 @@ def reference_sequential(model, windows, ref, modelutils, sparsity: float, nm: t
 
         handles = [m.register_forward_hook(add_batch(name)) for name, m in full.items()]
         for h in inputs.hidden:
-            run_block(layer, h, inputs.args[i], inputs.kwargs[i], "cpu", inputs.returns_tuple)
+            run_block(layer, h, inputs.args[i], inputs.kwargs[i], DEVICE, inputs.returns_tuple)
         for h in handles:
             h.remove()
         if i == 0 and layer0 is not None:
@@ -97,7 +103,7 @@ def reference_sequential(model, windows, ref, modelutils, sparsity: float, nm: t
             with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
                 g.fasterprune(sparsity, prunen=prunen, prunem=prunem, blocksize=128, percdamp=0.01)
             g.free()
-        inputs.hidden = [run_block(layer, h, inputs.args[i], inputs.kwargs[i], "cpu", inputs.returns_tuple)
+        inputs.hidden = [run_block(layer, h, inputs.args[i], inputs.kwargs[i], DEVICE, inputs.returns_tuple)
                          for h in inputs.hidden]
 
 
@@ -107,7 +113,7 @@ def reference_layer_solve(ref, weight: torch.Tensor, H: torch.Tensor, nsamples: 
     import contextlib
     import io
 
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
     layer.weight.data = weight.clone()
     g = ref.SparseGPT(layer)
     g.H, g.nsamples = H.clone(), nsamples
@@ -134,7 +140,7 @@ def compare_layer0(ref, layer0: dict, windows, model_path: str, sparsity: float,
         row = {"shape": list(W.shape), "reference_zeros": float((theirs == 0).float().mean()),
                "reference_loss": layer_loss(W, theirs, H)}
         for kernel in ["torch"] + (["triton"] if triton else []):
-            ours = prune(W, H, spec, kernel=kernel).weight
+            ours = prune(W, H, spec, kernel=kernel).weight.to(theirs.device)
             differ = ((ours == 0) != (theirs == 0))
             row[kernel] = {"mask_entries_differ": float(differ.float().mean()),
                            "rows_with_a_different_mask": int(differ.any(1).sum()),
@@ -155,19 +161,20 @@ def hessian_capture_gap(layer0: dict, model, windows) -> dict:
     import optimum_sparsesched as osp
 
     plan = plan_compression(model, osp.SparseScheduleConfig(sparsity=0.5, schedule="uniform"))
-    inputs = capture_block_inputs(model, windows, "cpu")
-    accs = collect_block_hessians(plan.blocks[0], plan.modules[0], inputs, 0, "cpu")
+    inputs = capture_block_inputs(model, windows, DEVICE, DEVICE)
+    accs = collect_block_hessians(plan.blocks[0], plan.modules[0], inputs, 0, DEVICE)
     tokens = windows.numel()
     gaps = {}
     for full_name, acc in accs.items():
         name = full_name.split("layers.0.", 1)[-1]
         H, nsamples, _ = layer0[name]
-        H_ref = H * nsamples / tokens
+        H_ref = H.to(acc.H.device) * nsamples / tokens
         gaps[name] = float(torch.linalg.norm(acc.H - H_ref) / torch.linalg.norm(H_ref))
     return gaps
 
 
 def main() -> None:
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reference", help="a checkout of IST-DASLab/sparsegpt")
     ap.add_argument("model")
@@ -177,6 +184,9 @@ def main() -> None:
     ap.add_argument("--layer0-only", action="store_true", help="only the block-0 comparison")
     ap.add_argument("--triton", action="store_true", help="also the Triton scan in the block-0 comparison "
                                                            "(set TRITON_INTERPRET=1 on a CPU)")
+    ap.add_argument("--device", default=str(DEVICE), help="where both sides compute (default: cuda if available)")
+    ap.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
+                    help="our OBS scan(s) for the whole-model rows (OPTIMUM_SPARSESCHED_OBS_KERNEL)")
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=None)
@@ -187,6 +197,7 @@ def main() -> None:
     import optimum_sparsesched as osp
     from optimum_sparsesched.pipeline.calibration import calibration_windows
 
+    DEVICE = torch.device(args.device)
     torch.set_grad_enabled(False)
     nm = tuple(int(x) for x in args.pattern.split(":")) if args.pattern else None
     sparsity = nm[0] / nm[1] if nm else args.sparsity
@@ -194,11 +205,11 @@ def main() -> None:
     calibration = wikitext_calibration_text()
     windows = calibration_windows(calibration, tokenizer, args.num_samples, args.seq_len, 0)
     result = {"sparsity": sparsity, "pattern": args.pattern, "threads": torch.get_num_threads(),
-              "osp_file": osp.__file__}
+              "device": str(DEVICE), "osp_file": osp.__file__}
 
     if "reference" in args.sides:
         ref, modelutils = import_reference(args.reference)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(DEVICE)
         layer0: dict = {}
         c0 = cpu_seconds()
         if args.layer0_only:
@@ -208,7 +219,7 @@ def main() -> None:
             result["reference"] = {"compress_cpu_s": cpu_seconds() - c0, "ppl": evaluate(model, tokenizer)}
             print("reference", json.dumps(result["reference"]), flush=True)
         del model
-        dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(DEVICE)
         result["hessian_gap"] = hessian_capture_gap(layer0, dense, windows)
         print("hessian gap", json.dumps(result["hessian_gap"]), flush=True)
         del dense
@@ -222,10 +233,17 @@ def main() -> None:
         except TypeError:  # commits before the presets: the SparseGPT scan was the only solver
             config = osp.SparseScheduleConfig(dataset=calibration, num_samples=args.num_samples,
                                               seq_len=args.seq_len, tokenizer=tokenizer, **options)
-        c0 = cpu_seconds()
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=config)
-        result["ours"] = {"compress_cpu_s": cpu_seconds() - c0, "ppl": evaluate(model, tokenizer)}
-        print("ours", json.dumps(result["ours"]), flush=True)
+        from optimum_sparsesched.obs.prune import KERNEL_ENV
+
+        for kernel in args.kernels:
+            os.environ[KERNEL_ENV] = kernel  # read when a compression starts
+            c0 = cpu_seconds()
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, quantization_config=config)
+            key = "ours" if kernel == "auto" else f"ours-{kernel}"
+            result[key] = {"compress_cpu_s": cpu_seconds() - c0, "kernel": kernel,
+                           "ppl": evaluate(model.to(DEVICE), tokenizer)}
+            print(key, json.dumps(result[key]), flush=True)
+            del model
     if args.out:
         write_result(args.out, result)
 
@@ -235,14 +253,14 @@ def reference_sequential_layer0(model, windows, ref, modelutils, layer0: dict) -
     """Only block 0's Hessians (the reference's accumulation) and dense weights, into ``layer0``."""
     from optimum_sparsesched.pipeline.blocks import capture_block_inputs, run_block
 
-    inputs = capture_block_inputs(model, windows, "cpu")
+    inputs = capture_block_inputs(model, windows, DEVICE, DEVICE)
     layer = model.model.layers[0]
     full = modelutils.find_layers(layer)
     gpts = {name: ref.SparseGPT(m) for name, m in full.items()}
     handles = [m.register_forward_hook(lambda _, inp, out, g=gpts[name]: g.add_batch(inp[0].data, out.data))
                for name, m in full.items()]
     for h in inputs.hidden:
-        run_block(layer, h, inputs.args[0], inputs.kwargs[0], "cpu", inputs.returns_tuple)
+        run_block(layer, h, inputs.args[0], inputs.kwargs[0], DEVICE, inputs.returns_tuple)
     for h in handles:
         h.remove()
     layer0.update({name: (g.H.clone(), g.nsamples, full[name].weight.detach().clone()) for name, g in gpts.items()})
