@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..obs.inverse import all_finite
 from .blocks import BlockInputs, run_block
 from .plan import weight_matrix
 
@@ -55,7 +56,7 @@ class HessianAccumulator:
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` ``[..., cols]`` (any leading shape: every position is one sample)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise FloatingPointError(
                 f"{self.name or 'a module'}: non-finite calibration activations (NaN/Inf) at its input; the model "
                 "overflows in its dtype on this text (try dtype=torch.float32) or its weights hold NaN/Inf")
