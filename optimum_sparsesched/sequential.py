@@ -106,8 +106,8 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
                 dense = [store(visit.forward(h), h) for h in dense]
             if not resume.restore(visit):
                 resume.save(visit, *compress_block(visit, inputs, allocation.targets, config, kernel, ctx, dense))
-            for j, h in enumerate(inputs.hidden):  # the next block's inputs, window by window (in place)
-                inputs.hidden[j] = store(visit.forward(h), h)
+            for j, h in enumerate(inputs.hidden if index + 1 < len(plan.blocks) else []):  # the next block's
+                inputs.hidden[j] = store(visit.forward(h), h)  # inputs, window by window (the last feeds none)
         progress.set_postfix(err=f"{sum(resume.losses.values()):.4g}", refresh=False)
         progress.update()
     progress.close()

@@ -32,10 +32,11 @@ def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor
     return mask1
 
 
-def mark_nm_(mask1: torch.Tensor, W1: torch.Tensor, d: torch.Tensor, i: int, nm: tuple[int, int]) -> None:
-    """Set in ``mask1`` the N smallest saliencies of columns ``i … i+M-1`` of every row."""
-    span = W1[:, i: i + nm[1]] ** 2 / d[i: i + nm[1]].unsqueeze(0) ** 2
-    mask1.scatter_(1, i + torch.topk(span, min(nm[0], span.shape[1]), dim=1, largest=False).indices, True)
+def mark_nm_(mask1: torch.Tensor, W1: torch.Tensor, d2: torch.Tensor, i: int, nm: tuple[int, int]) -> None:
+    """Set in ``mask1`` the N smallest saliencies ``W1² / d²`` of columns ``i … i+M-1`` of every row (``d2`` = ``d²``
+    ``[1, B]``, squared once per block)."""
+    span = W1[:, i: i + nm[1]].square().div_(d2[:, i: i + nm[1]])
+    mask1[:, i: i + nm[1]].scatter_(1, torch.topk(span, min(nm[0], span.shape[1]), dim=1, largest=False).indices, True)
 
 
 def fit_group(grid: QuantGrid, W: torch.Tensor, W1: torch.Tensor, mask1: torch.Tensor, i: int, i1: int,

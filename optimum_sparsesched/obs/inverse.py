@@ -18,6 +18,12 @@ logger = logging.getLogger(__name__)
 MAX_DAMP_ESCALATIONS = 8
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: one reduction (a NaN/Inf makes the sum non-finite), and the exact
+    elementwise check only when the sum is not finite (finite entries whose sum overflows)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, escalating λ ×10 on failure.
 
@@ -31,7 +37,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
         if info.item() == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
+            if info.item() == 0 and all_finite(U):
                 return U, lam
         logger.warning("Cholesky failed with damping %.3g (attempt %d); escalating x10", lam, attempt + 1)
         lam *= 10.0

@@ -17,7 +17,7 @@ import logging
 import torch
 
 from . import admm, sparsegpt, sparsegpt_triton
-from .inverse import MAX_DAMP_ESCALATIONS, InverseHessian
+from .inverse import MAX_DAMP_ESCALATIONS, InverseHessian, all_finite
 from .spec import PruneResult, PruneSpec
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def scan_with_damping(W: torch.Tensor, inverse: InverseHessian, spec: PruneSpec,
     """The scan at the lowest damping that gives finite weights: ``(result, escalation used)``."""
     for escalation in range(MAX_DAMP_ESCALATIONS):
         Q, loss, grids = scan(W, inverse.factor(escalation), spec, mask)
-        if torch.isfinite(Q).all():
+        if all_finite(Q):
             grid = (torch.cat([s for s, _ in grids], dim=1), torch.cat([z for _, z in grids], dim=1)) if grids else None
             return PruneResult(Q, loss, grid), escalation
         logger.warning("OBS produced non-finite weights; retrying with more damping")

@@ -15,11 +15,17 @@ The scan (per layer, ``W`` float32 with dead inputs already zeroed):
 1. columns are processed in blocks of ``block_size``; the masks are chosen as :mod:`.columns` says (unstructured:
    at the block start; N:M: every M columns);
 2. within a block each column is pruned (masked entries set to 0) and/or quantized (the grid fitted at each group
-   start), the error ``e = (w - q)/U_qq`` is spread over the rest of the block (``W₁[:, q:] -= e · U[q, q:]``);
+   start), the error ``e = (w - q)/U_qq`` is spread over the rest of its sub-block of :data:`SUB_BLOCK` columns
+   (``W₁[:, q+1:s₂] -= e · U[q, q+1:s₂]``), and after each sub-block the sub-block's errors update the rest of the
+   block in one matrix product — every column still sees the updates of all columns before it when it is reached,
+   only the sums are grouped differently (the same lazy batch update GPTQ/SparseGPT apply between blocks);
 3. after the block the accumulated errors update all later columns in one matrix product (lazy batch update).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -46,35 +52,70 @@ def scan(W: torch.Tensor, U: torch.Tensor, spec: PruneSpec,
         grids.append((grid.scale, grid.zero))
     total_prune = round(spec.sparsity * rows * cols)
     loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    zero = torch.zeros((), dtype=W.dtype, device=W.device)
+    sub = sub_block(spec)
     for i1 in range(0, cols, spec.block_size):
         i2 = min(i1 + spec.block_size, cols)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        Q1 = torch.zeros_like(W1) if grid is not None else None
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
+        d2 = d.square().unsqueeze(0)
         if mask is not None:
             mask1 = mask[:, i1:i2]
         elif nm is None:
             mask1 = unstructured_mask(W1, d, prune_count(total_prune, i1, i2, cols))
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            if mask is None and nm is not None and i % nm[1] == 0:
-                mark_nm_(mask1, W1, d, i, nm)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            if grid is not None:
-                if group_size != -1 and (i1 + i) % group_size == 0:
-                    grids.append(fit_group(grid, W, W1, mask1, i, i1, group_size))
-                q = grid.quantize(q.unsqueeze(1)).squeeze(1)
-                q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            loss += 0.5 * torch.sum(err**2)
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+        with loop_threads(W):
+            for s1 in range(0, i2 - i1, sub):
+                s2 = min(s1 + sub, i2 - i1)
+                for i in range(s1, s2):
+                    w = W1[:, i]  # final for this column: the updates below reach only the columns after it
+                    if mask is None and nm is not None and i % nm[1] == 0:
+                        mark_nm_(mask1, W1, d2, i, nm)
+                    if grid is None:  # (w - q) / d with q = 0 where pruned, w where kept
+                        err = torch.where(mask1[:, i], w / d[i], zero)
+                    else:
+                        if group_size != -1 and (i1 + i) % group_size == 0:
+                            grids.append(fit_group(grid, W, W1, mask1, i, i1, group_size))
+                        q = grid.quantize(w.masked_fill(mask1[:, i], 0).unsqueeze(1)).squeeze(1)
+                        Q1[:, i] = q.masked_fill_(mask1[:, i], 0)
+                        err = (w - Q1[:, i]) / d[i]
+                    Err1[:, i] = err
+                    W1[:, i + 1:s2] -= torch.outer(err, U1[i, i + 1:s2])
+                W1[:, s2:] -= Err1[:, s1:s2] @ U1[s1:s2, s2:]  # lazy update of the rest of the block
+        loss += 0.5 * torch.sum(Err1**2)
+        W[:, i1:i2] = W1.masked_fill_(mask1, 0) if grid is None else Q1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return W, float(loss), grids
+
+
+#: columns whose errors are spread one by one inside a column block; the rest of the block gets them in one product
+SUB_BLOCK = 16
+
+
+def sub_block(spec: PruneSpec) -> int:
+    """The sub-block of :func:`scan`: :data:`SUB_BLOCK` columns (a multiple of M), or the whole ``block_size`` (every
+    column's error spread at once over the rest of its block) where the sub-blocks would cut a column block, an
+    N:M group or a quantization group."""
+    sub = SUB_BLOCK if spec.nm is None else spec.nm[1] * -(-SUB_BLOCK // spec.nm[1])
+    groups_fit = spec.bits is None or spec.group_size == -1 or spec.group_size % sub == 0
+    return sub if spec.block_size % sub == 0 and groups_fit else spec.block_size
+
+
+@contextmanager
+def loop_threads(W: torch.Tensor) -> Iterator[None]:
+    """One CPU thread for the column loop: its ops touch at most ``rows × block_size`` floats each, where a second
+    thread only adds fork/join (and, on a busy machine, spinning) to every op; the lazy block updates outside
+    the loop keep every thread. Nothing changes on a GPU or where torch already runs one thread."""
+    threads = torch.get_num_threads()
+    if W.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
         H = 2 * X @ X.T / X.shape[1]
         W = torch.randn(rows, cols)
         case = {k: tuple(v) if k == "nm" else v for k, v in case.items()}
-        spec = PruneSpec(**case, block_size=32)
+        spec = PruneSpec(**{"block_size": 32, **case})
         a, b = prune(W, H, spec, kernel="torch"), prune(W, H, spec, kernel="triton")
         same_grid = a.grid is None or (torch.allclose(a.grid[0], b.grid[0], rtol=1e-6)
                                        and torch.equal(a.grid[1], b.grid[1]))
@@ -39,6 +39,8 @@ CASES = [
     (17, 80, {"sparsity": 0.7}),  # rows not a multiple of the row tile, a last block of 16 columns
     (16, 64, {"sparsity": 0.5, "nm": [2, 4]}),
     (16, 64, {"sparsity": 0.5, "nm": [4, 8]}),
+    (16, 256, {"sparsity": 0.5, "nm": [2, 4], "block_size": 128}),  # what a CUDA user runs at 2:4 (its masks are
+    # checked against SparseGPT's N:M rule through the torch scan: tests/obs/test_nm_reference.py)
     (24, 96, {"sparsity": 0.3, "bits": 4, "group_size": 16}),  # groups fitted inside the kernel
     (16, 96, {"sparsity": 0.6, "bits": 4, "group_size": 64, "sym": True}),  # groups fitted by torch per block pair
     (16, 64, {"sparsity": 0.5, "bits": 8, "group_size": -1}),

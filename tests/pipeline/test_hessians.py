@@ -5,7 +5,7 @@ import torch
 
 from conftest import block_visit, tiny_model
 from optimum_sparsesched.pipeline.blocks import capture_block_inputs, find_decoder_blocks
-from optimum_sparsesched.pipeline.hessians import HessianAccumulator, collect_block_hessians, input_groups
+from optimum_sparsesched.pipeline.hessians import HessianAccumulator, collect_block_hessians
 
 
 def test_non_finite_activations_raise():
@@ -36,16 +36,38 @@ def test_modules_reading_the_same_input_share_one_hessian():
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
-def test_groups_come_in_forward_order(family):
+def test_a_stopped_pass_collects_the_hessians_of_a_complete_one(family):
+    """Without outputs to keep, each window's forward stops once the last group's input is seen: the last modules
+    never compute, and every Hessian is the one a complete pass collects, bit for bit."""
     model = tiny_model(family)
-    inputs = capture_block_inputs(model, torch.randint(1, 500, (2, 16)), "cpu")
+    inputs = capture_block_inputs(model, torch.randint(1, 500, (3, 16)), "cpu")
     with block_visit(model, inputs) as visit:
+        complete = collect_block_hessians(visit, inputs.hidden, outputs=[])
         order = []
         handles = [m.register_forward_hook(lambda m, a, o, n=n: order.append(n)) for n, m in visit.modules.items()]
         visit.forward(inputs.hidden[0])
         for h in handles:
             h.remove()
-        groups = input_groups(visit, inputs.hidden[0])
-    assert sorted(sum(groups, [])) == sorted(visit.modules) and len(groups) >= 3
-    firsts = [g[0] for g in groups]
-    assert firsts == sorted(firsts, key=order.index)  # the order the forward reaches them
+        calls = []
+        handle = visit.modules[order[-1]].register_forward_hook(lambda m, a, o: calls.append(1))
+        stopped = collect_block_hessians(visit, inputs.hidden)
+        handle.remove()
+    assert not calls  # the module the forward reaches last never ran
+    assert list(stopped) == list(visit.modules)
+    groups = {id(a) for a in complete.values()}
+    assert len({id(a) for a in stopped.values()}) == len(groups) >= 3
+    for n in visit.modules:
+        assert torch.equal(stopped[n].H, complete[n].H) and stopped[n].n == complete[n].n
+
+
+def test_hessian_accumulated_in_strips_is_the_full_product_and_exactly_symmetric():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3 * 64, 700, generator=g) * torch.exp(torch.randn(700, generator=g))  # 2 strips of 350 rows
+    acc = HessianAccumulator(700, "cpu")
+    for chunk in X.split(64):
+        acc.add_batch(chunk)
+    assert torch.equal(acc.H, acc.H.T)
+    torch.testing.assert_close(acc.H, 2 * X.t() @ X / X.shape[0], rtol=1e-5, atol=1e-4)
+    acc.add_batch(X[:64])  # accumulating again after a read: mirrored again from the updated strips
+    torch.testing.assert_close(acc.H, 2 * torch.cat([X, X[:64]]).t() @ torch.cat([X, X[:64]]) / (X.shape[0] + 64),
+                               rtol=1e-5, atol=1e-4)
