@@ -61,9 +61,9 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
     broadcast. Returns the OBS loss of every module."""
     inverses: dict[int, InverseHessian] = {}
     for acc in dict.fromkeys(accumulators.values()):  # each shared Hessian once, in module order
-        H, _ = ctx.all_reduce_hessian(acc.H, acc.n)
+        H = acc.reduced(ctx)  # the single process's H bit for bit; frees the accumulator's sums
         inverses[id(acc)] = InverseHessian(H, config.damp)
-        acc.H = H = None  # the inverse holds its own copy: free the accumulator's cols² floats now
+        H = None  # the inverse holds its own copy
     losses = {}
     for k, (name, m) in enumerate(modules.items(), start=first):
         if ctx.owner(k) == ctx.rank:

@@ -1,5 +1,14 @@
-"""Hessian capture: ``H = 2 X Xᵀ / n`` of every compressible module's inputs, in float32, shared between modules
-that read the same input.
+"""Hessian capture: ``H = 2 X Xᵀ / n`` of every compressible module's inputs, shared between modules that read the
+same input.
+
+Summation. Each window's product ``X_j X_jᵀ`` is computed in float32 and added into a float64 sum
+``S = Σ_j X_j X_jᵀ``; ``H = 2 S / n`` is handed to the solvers in float32. Summed in float64, the float32 products
+give the same float32 ``H`` whatever order the windows come in: under torch.distributed, where each rank sums its
+own windows and the ranks' sums are added (:meth:`HessianAccumulator.reduced`), ``H`` is the single process's bit
+for bit (a float64 sum of float32 products is exact while the products' exponents span fewer than ~22 binades, and
+otherwise differs by ~1e-16, below float32's resolution). The solvers then see one Hessian whatever the launch: a
+layer whose least-squares problem is ill-conditioned (``solver="refit"``/``"admm"``) would otherwise turn a one-ulp
+difference of ``H`` into a visibly different layer, and the next blocks' masks into different masks.
 
 Forward hooks see each module's input ``X`` (``[..., cols]``, every position one sample) while a decoder block
 runs on the calibration windows. Modules fed the very same tensor — q/k/v after the attention norm, gate/up after
@@ -25,25 +34,42 @@ from .plan import weight_matrix
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n Σ x xᵀ`` over calibration tokens, float32 ``[cols, cols]``."""
+    """``S = Σ x xᵀ`` over calibration tokens (float64 ``[cols, cols]``, each window's product in float32) and the
+    token count ``n``; :attr:`H` is ``2 S / n`` in float32."""
 
     def __init__(self, columns: int, device: torch.device | str, name: str = "") -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.S: torch.Tensor | None = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self.n = 0
         self.name = name
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` ``[..., cols]`` (any leading shape: every position is one sample)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.S.device, dtype=torch.float32)
         if not torch.isfinite(x).all():
             raise FloatingPointError(
                 f"{self.name or 'a module'}: non-finite calibration activations (NaN/Inf) at its input; the model "
                 "overflows in its dtype on this text (try dtype=torch.float32) or its weights hold NaN/Inf")
-        m = x.shape[0]
-        self.H.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5  # never in place: x may be the live activation
-        self.H.addmm_(x.t(), x)
+        self.S += x.t() @ x  # the float32 product, summed in float64 (see the module docstring)
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """``2 S / n`` ``[cols, cols]`` float32 (None once freed by ``H = None``)."""
+        return None if self.S is None else self.S.to(torch.float32).mul_(2.0 / max(self.n, 1))
+
+    @H.setter
+    def H(self, value: None) -> None:
+        if value is not None:
+            raise ValueError("HessianAccumulator.H is computed from the sums; only None (free them) may be set")
+        self.S = None
+
+    def reduced(self, ctx: Any) -> torch.Tensor:
+        """``H`` over every rank of ``ctx`` (a :class:`.distributed.DistributedContext`): the ranks' float64 sums and
+        token counts added, then ``2 S / n``; frees this accumulator's sum."""
+        S, self.S = self.S, None
+        count = torch.tensor([float(self.n)], dtype=torch.float64, device=S.device)
+        S, count = ctx.all_reduce_(S), ctx.all_reduce_(count)
+        return S.to(torch.float32).mul_(2.0 / max(float(count.item()), 1.0))
 
 
 class _GroupsSeen(Exception):

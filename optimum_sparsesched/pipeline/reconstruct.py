@@ -19,8 +19,11 @@ blocks before it left in ``X̂`` (block-wise reconstruction as in EBFT, Guo et a
   OBS solve, unchanged), so the stored codes still describe the weights exactly.
 - **Guard.** The mean ``ℓ`` over all windows is measured before and after; the new weights are kept only if it is
   lower, else the solve's weights are restored: never worse than the OBS result on the calibration windows.
-- **Distributed.** Every rank runs its own windows; each step's gradients are summed over the ranks (ranks with
-  fewer windows add zeros), so all ranks take identical steps and keep identical weights.
+- **Distributed.** The steps are the single process's: one epoch visits every calibration window once, in the
+  order of one seeded permutation of all ``N`` windows (rank ``r`` holds windows ``r, r + world, …``); each step's
+  gradient is computed by the rank holding that window and broadcast, and the errors before and after are summed
+  in window order, so every rank takes the single process's steps and keeps the single process's weights (up to
+  float summation order inside a forward). Only the owner of a window works at a step.
 """
 
 from __future__ import annotations
@@ -78,15 +81,16 @@ def reconstruct_block(block: nn.Module, modules: dict[str, nn.Module], inputs: B
     def window_error(j: int) -> torch.Tensor:
         return _relative_error(run_block(block, inputs.hidden[j], args, kwargs, device, returns_tuple), targets[j])
 
-    def mean_error() -> float:
-        local = torch.tensor([sum(float(window_error(j)) for j in range(len(inputs.hidden))),
-                              float(len(inputs.hidden))], dtype=torch.float64, device=masters[0].device)
-        total = ctx.all_reduce_sum(local)
-        return float(total[0] / total[1].clamp_min(1))
+    local = len(inputs.hidden)
+    total = sum(ctx.merge_dicts({ctx.rank: local}).values())  # N: every rank's windows
+
+    def mean_error() -> float:  # summed in window order, as one process sums them
+        errors = ctx.merge_dicts({g: float(window_error(g // ctx.world))
+                                  for g in range(ctx.rank, total, ctx.world)})
+        return sum(errors[g] for g in range(total)) / max(total, 1)
 
     before = mean_error()
-    steps_per_epoch = max(ctx.merge_dicts({ctx.rank: len(inputs.hidden)}).values())
-    total_steps = max(epochs * steps_per_epoch, 1)
+    total_steps = max(epochs * total, 1)
     optimizer = torch.optim.Adam(masters, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     generator = torch.Generator().manual_seed((seed + index) % 2**63)
@@ -97,18 +101,15 @@ def reconstruct_block(block: nn.Module, modules: dict[str, nn.Module], inputs: B
         for w in weights:
             w.requires_grad_(True)
         for _ in range(epochs):
-            order = torch.randperm(steps_per_epoch, generator=generator).tolist()
-            for j in order:
-                contributes = j < len(inputs.hidden)
-                if contributes:
+            for g in torch.randperm(total, generator=generator).tolist():  # global window g: rank g % world
+                owner = g % ctx.world
+                if owner == ctx.rank:
                     with torch.enable_grad():
-                        window_error(j).backward()
-                grads = [(w.grad.float() * m) if contributes else torch.zeros_like(s)
-                         for w, m, s in zip(weights, masks, masters)]
-                count = ctx.all_reduce_sum(torch.tensor([float(contributes)], dtype=torch.float64,
-                                                        device=masters[0].device))
-                for master, grad in zip(masters, grads):
-                    master.grad = ctx.all_reduce_sum(grad) / float(count.clamp_min(1))
+                        window_error(g // ctx.world).backward()
+                for master, w, m in zip(masters, weights, masks):
+                    grad = (w.grad.float() * m) if owner == ctx.rank else torch.zeros_like(master)
+                    ctx.broadcast_(grad, src=owner)
+                    master.grad = grad
                 optimizer.step()
                 schedule.step()
                 for w, master, m in zip(weights, masters, masks):
