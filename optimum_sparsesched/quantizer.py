@@ -7,14 +7,18 @@ Load phases (transformers ``HfQuantizer``; what the base class does is not repea
   ``device_map`` is kept: blocks it offloads to ``"cpu"``/``"disk"`` (with ``offload_folder``) are onloaded one at
   a time and their compressed weights written back to the offload store (:mod:`.pipeline.sources`), so models
   larger than the host memory can be compressed too.
-- ``_process_model_before_weight_loading`` (pre-quantized checkpoints): before any tensor is read, the options and
+- ``_process_model_before_weight_loading``: for a model to compress, before any tensor is read, the model must be a
+  causal LM with its head and every safetensors file's header must match its size (:mod:`.pipeline.source_check`,
+  :mod:`.pipeline.checkpoint_files`); for pre-quantized checkpoints the options and
   results of ``config.json`` are checked against what every weight file recorded (:mod:`.formats.metadata`), and the
   key that makes plain transformers refuse a compact checkpoint is marked as expected.
 - load operations (``get_load_operations``): a compact checkpoint (:mod:`.formats.compact`) stores each compressed
   weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact_load.CompactDeserialize`
   checks and rebuilds the dense weight bit for bit while the checkpoint loads.
-- ``_process_model_after_weight_loading``: for a model that is not yet compressed, calibrate and compress it now
-  (:func:`.sequential.compress_blocks`); then give the model this package's save (:mod:`.publish.save`).
+- ``_process_model_after_weight_loading``: for a model that is not yet compressed, check the source
+  (:func:`.pipeline.source_check.check_source`: every tensor read from the checkpoint, every weight finite), then
+  calibrate and compress it (:func:`.sequential.compress_blocks`); then give the model this package's save
+  (:mod:`.publish.save`).
 - saving (``get_state_dict_and_metadata``): the compact tensors, the compressed-tensors ``pack-quantized`` ones
   (:mod:`.formats.compressed_tensors`), or the dense state dict for ``export_format="dense"``; every weight file's
   header records the writer, the format, the grid and the results (:func:`.formats.metadata.weights_metadata`).
@@ -34,7 +38,9 @@ from .config import SparseScheduleConfig
 from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES, compact_state_dict
 from .formats.compact_load import CompactDeserialize
 from .formats.metadata import check_weights_metadata, weights_metadata
+from .pipeline.checkpoint_files import check_weight_files
 from .pipeline.offload import has_offloaded_weights
+from .pipeline.source_check import check_causal_lm_config, check_causal_lm_model, check_source
 from .publish.save import install_save
 
 
@@ -51,6 +57,10 @@ class SparseScheduleQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
+        if not self.pre_quantized:  # a source to compress: refused now, before any tensor is read
+            check_causal_lm_config(model.config)
+            check_causal_lm_model(model)
+            check_weight_files([f for f in checkpoint_files or () if str(f).endswith(".safetensors")])
         if self.pre_quantized:
             check_weights_metadata(checkpoint_files or (), self.quantization_config)
             ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
@@ -59,8 +69,9 @@ class SparseScheduleQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.pre_quantized:
+            check_source(model)
             compress_blocks(model, self.quantization_config)
-        install_save(model)
+        install_save(model, source=None if self.pre_quantized else getattr(model, "name_or_path", None))
         return model
 
     # a compressed weight is stored under these names (the compact format) or as a plain dense ``weight``
@@ -99,8 +110,9 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict[str, Any], to
     afterwards it saves, reloads and publishes like a model compressed on load. Returns ``model``."""
     if isinstance(config, dict):
         config = SparseScheduleConfig(**config)
+    check_source(model)
     compress_blocks(model, config, tokenizer)
     if getattr(model, "hf_quantizer", None) is None:
         model.hf_quantizer = SparseScheduleQuantizer(config, pre_quantized=True)
-    install_save(model)
+    install_save(model, source=getattr(model, "name_or_path", None))
     return model

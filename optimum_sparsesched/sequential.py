@@ -67,8 +67,11 @@ def compress_block(modules: dict[str, nn.Module], accumulators: dict[str, Any], 
     losses = {}
     for k, (name, m) in enumerate(modules.items(), start=first):
         if ctx.owner(k) == ctx.rank:
-            result = prune(weight_matrix(m).to(device), inverses[id(accumulators[name])],
-                           PruneSpec.from_config(config, targets[name]), kernel)
+            try:
+                result = prune(weight_matrix(m).to(device), inverses[id(accumulators[name])],
+                               PruneSpec.from_config(config, targets[name]), kernel)
+            except FloatingPointError as exc:  # name the module the solve failed on
+                raise FloatingPointError(f"{name}: {exc}") from None
             set_weight_matrix(m, result.weight)
             set_module_grid(m, result.grid)
             losses[name] = result.loss
