@@ -169,7 +169,6 @@ def check_model_ref(ref: str | None, tokenizer: str | None = None) -> None:
     cache); None (the embedded default) is always fine."""
     if ref is None:
         return
-    check_tokenizer_source(ref, tokenizer)
     hint = f" (to save the embedded default model into a folder, use: compress -o {ref})"
     path = Path(ref).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
@@ -178,6 +177,7 @@ def check_model_ref(ref: str | None, tokenizer: str | None = None) -> None:
         raise UsageError(f"model: {ref!r} is a file; allowed: a model folder or a hub id")
     if path.exists():
         check_source_folder(path)
+        check_tokenizer_source(ref, tokenizer)
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoConfig

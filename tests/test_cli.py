@@ -92,7 +92,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(save_tiny, texts, tmp_
     assert main(small("compress", path, str(texts / "eval.txt"))) == 2
     one_line_error(capsys, "OUT", "is a file")
     assert main(small("compress", path, "-o", path)) == 2
-    one_line_error(capsys, "OUT", "MODEL")
+    one_line_error(capsys, "OUT", "the folder the model was loaded from", "--overwrite")
     assert main(small("compress", "-o", path)) == 2  # a model folder this package did not write is never replaced
     one_line_error(capsys, "did not write")
     assert main(["eval", path, "--dataset", str(texts / "eval.txt"), "--max-windows", "0"]) == 2

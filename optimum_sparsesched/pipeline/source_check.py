@@ -143,11 +143,11 @@ def check_all_loaded(model: nn.Module) -> None:
 
 
 def _non_finite(tensor: torch.Tensor) -> tuple[int, int]:
-    """``(NaN count, ±Inf count)`` of a floating tensor, in chunks. Fast path: a float64 sum of finite float32
-    (or narrower) values cannot overflow, and any NaN or Inf makes it non-finite, so one read with no temporary
-    decides; only a faulty tensor is counted."""
+    """``(NaN count, ±Inf count)`` of a floating tensor, in chunks. Fast path: any NaN or Inf makes a chunk's sum
+    non-finite, so a finite sum (one vectorised read, no temporary) clears the chunk; only a chunk whose sum is not
+    finite (a fault, or finite values summing past the dtype's range) is counted exactly."""
     flat = tensor.detach().reshape(-1)
-    if all(bool(torch.isfinite(c.sum(dtype=torch.float64))) for c in flat.split(CHUNK)):
+    if all(bool(torch.isfinite(c.sum())) for c in flat.split(CHUNK)):
         return 0, 0
     return (sum(int(torch.isnan(c).sum()) for c in flat.split(CHUNK)),
             sum(int(torch.isinf(c).sum()) for c in flat.split(CHUNK)))
