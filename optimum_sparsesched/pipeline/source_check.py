@@ -135,11 +135,12 @@ def check_all_loaded(model: nn.Module) -> None:
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         source = getattr(model, "name_or_path", "") or "its checkpoint"
-        raise ValueError(f"model: {len(missing)} parameter{'s' * (len(missing) != 1)} of {type(model).__name__} "
-                         f"{'are' if len(missing) != 1 else 'is'} not in {source!s} ({shown}): transformers filled "
-                         "them with random values when it loaded the model, and compressing them would save random "
-                         "weights as yours; the checkpoint is incomplete (a missing or cut shard) or of another "
-                         "architecture — load a complete checkpoint")
+        many = len(missing) != 1
+        raise ValueError(f"model: {len(missing)} parameter{'s' * many} of {type(model).__name__} "
+                         f"{'are' if many else 'is'} not in {source!s} ({shown}): transformers filled "
+                         f"{'them' if many else 'it'} with random values when it loaded the model, and compressing "
+                         "that would save random weights as yours; the checkpoint is incomplete (a missing or cut "
+                         "shard) or of another architecture: load a complete checkpoint")
 
 
 def _non_finite(tensor: torch.Tensor) -> tuple[int, int]:
