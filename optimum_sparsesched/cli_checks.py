@@ -51,13 +51,15 @@ def looks_like_path(ref: str) -> bool:
 
 def check_source_folder(path: Path) -> None:
     """A local model folder as a source (:mod:`.pipeline.checkpoint_files`, :mod:`.pipeline.source_check`): its
-    config.json readable and of a causal LM, its weight index and safetensors headers whole."""
-    from .pipeline.checkpoint_files import check_checkpoint_folder, read_config_file
+    config.json readable and of a causal LM, its weight index and safetensors headers whole, every tensor of the
+    shape config.json describes."""
+    from .pipeline.checkpoint_files import check_against_config, check_checkpoint_folder, read_config_file
     from .pipeline.source_check import check_causal_lm_config
 
     try:
-        check_causal_lm_config(read_config_file(path))
-        check_checkpoint_folder(path)
+        config = read_config_file(path)
+        check_causal_lm_config(config)
+        check_against_config(config, check_checkpoint_folder(path))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

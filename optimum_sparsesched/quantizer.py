@@ -38,7 +38,7 @@ from .config import SparseScheduleConfig
 from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES, compact_state_dict
 from .formats.compact_load import CompactDeserialize
 from .formats.metadata import check_weights_metadata, weights_metadata
-from .pipeline.checkpoint_files import check_weight_files
+from .pipeline.checkpoint_files import check_shapes, check_weight_files
 from .pipeline.offload import has_offloaded_weights
 from .pipeline.source_check import check_causal_lm_config, check_causal_lm_model, check_source
 from .publish.save import install_save
@@ -60,7 +60,8 @@ class SparseScheduleQuantizer(HfQuantizer):
         if not self.pre_quantized:  # a source to compress: refused now, before any tensor is read
             check_causal_lm_config(model.config)
             check_causal_lm_model(model)
-            check_weight_files([f for f in checkpoint_files or () if str(f).endswith(".safetensors")])
+            check_shapes(check_weight_files([f for f in checkpoint_files or () if str(f).endswith(".safetensors")]),
+                         model)  # the model is still weightless: its shapes are config.json's
         if self.pre_quantized:
             check_weights_metadata(checkpoint_files or (), self.quantization_config)
             ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())

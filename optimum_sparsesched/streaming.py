@@ -43,7 +43,7 @@ from .config import SparseScheduleConfig
 from .obs.grid import GRID_ATTR
 from .pipeline.blocks import find_decoder_blocks, non_block_modules
 from .pipeline.calibration import resolve_tokenizer
-from .pipeline.checkpoint_files import check_checkpoint_folder, read_config_file
+from .pipeline.checkpoint_files import check_against_config, check_checkpoint_folder, read_config_file
 from .pipeline.distributed import init_distributed
 from .pipeline.source_check import check_causal_lm_config, check_source
 from .publish.export import (block_part, checkpoint_metadata, finish_part, holds_compact_tensors, rest_part,
@@ -79,8 +79,10 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None, token: s
                          "model.safetensors.index.json); streaming reads safetensors shards: convert the checkpoint "
                          "with from_pretrained(...).save_pretrained(...) first")
     with as_src():
-        check_causal_lm_config(read_config_file(path))  # config.json, the architecture
-        check_checkpoint_folder(path)  # the index, every shard present, every header against its file's size
+        config = read_config_file(path)
+        check_causal_lm_config(config)  # config.json, the architecture
+        tensors = check_checkpoint_folder(path)  # the index, every shard present, every header against its size
+        check_against_config(config, tensors)  # every tensor of the shape config.json describes
     return path
 
 

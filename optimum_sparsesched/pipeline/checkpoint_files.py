@@ -12,6 +12,11 @@ fault is one ``ValueError`` naming the file (and the tensor), raised before any 
 - a weight file that is empty, shorter than its header says, or whose tensors end past the end of the file (a cut
   download or an interrupted copy), or whose tensor sizes disagree with their dtype and shape.
 
+- a tensor whose shape is not the one ``config.json`` describes for the tensor of that name
+  (:func:`check_shapes`, against a weightless ``meta`` skeleton of the model): ``config.json`` and the weights do
+  not belong together (transformers would stop the load with its own error, or, streamed, the run after its first
+  block).
+
 What the model needs but the checkpoint lacks is found when the model is built from it
 (:func:`.source_check.check_all_loaded`): that depends on the architecture's key names, which transformers knows.
 """
@@ -134,6 +139,34 @@ def check_checkpoint_folder(folder: str | os.PathLike) -> dict[str, TensorEntry]
     """:func:`weight_files` and :func:`check_weight_files` of the checkpoint in ``folder``."""
     files, weight_map = weight_files(folder)
     return check_weight_files(files, weight_map)
+
+
+def check_shapes(tensors: dict[str, TensorEntry], model: Any) -> None:
+    """Refuse checkpoint tensors whose shape differs from that of the model's tensor of the same name (``model``:
+    the model to load them into, weightless ``meta`` tensors will do; names the model does not use, or uses after a
+    conversion, are left to transformers)."""
+    wrong = [(name, list(entry.shape), list(expected.shape)) for name, expected in model.state_dict().items()
+             if (entry := tensors.get(name)) is not None and tuple(expected.shape) != entry.shape]
+    if wrong:
+        name, got, want = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ValueError(f"model: the checkpoint's tensor {name} has shape {got}, but its config.json describes "
+                         f"{want}{more}: config.json and the weights do not belong together; restore the checkpoint's "
+                         "own config.json")
+
+
+def check_against_config(config: Any, tensors: dict[str, TensorEntry]) -> None:
+    """:func:`check_shapes` of ``tensors`` against a ``meta`` skeleton built from ``config`` (no weight memory); a
+    quantized checkpoint (``quantization_config``: this package's compact format, GPTQ, ...) stores its weights in
+    other shapes and is not checked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    check_shapes(tensors, skeleton)
 
 
 def read_config_file(folder: str | os.PathLike) -> Any:

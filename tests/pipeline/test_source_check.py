@@ -187,11 +187,17 @@ def damaged(kind: str, folder: Path) -> str:
     if kind == "invalid config.json":
         (folder / "config.json").write_text("{\"model_type\": \"llama\",")
         return "config.json is not valid JSON"
+    if kind == "config.json of other shapes":
+        data = json.loads((folder / "config.json").read_text())
+        data["intermediate_size"] = 96
+        (folder / "config.json").write_text(json.dumps(data))
+        return "has shape [128, 64], but its config.json describes [96, 64]"
     raise KeyError(kind)
 
 
 @pytest.mark.parametrize("kind", ["missing shard", "index names a missing file", "index not JSON", "truncated shard",
-                                  "cut inside the header", "empty model.safetensors", "invalid config.json"])
+                                  "cut inside the header", "empty model.safetensors", "invalid config.json",
+                                  "config.json of other shapes"])
 def test_a_damaged_checkpoint_is_refused_before_loading(kind, tmp_path, tokenizer, capsys):
     source = tmp_path / "source"
     tiny_model("llama").save_pretrained(source, max_shard_size="60KB")
