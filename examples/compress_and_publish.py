@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer.save_pretrained(a.out)
     repo_id = a.repo_id or Path(a.out).resolve().name
     if a.dry_run:
-        files = sorted(p for p in Path(a.out).rglob("*") if p.is_file())
+        from optimum_sparsesched.publish.hub import checkpoint_files
+
+        files = [Path(a.out) / name for name in checkpoint_files(a.out)]  # what push_to_hub uploads
         print(f"dry run: would upload {len(files)} files to {repo_id} ({a.endpoint or 'default endpoint'}):")
         for p in files:
             print(f"  {p.relative_to(a.out)}  {p.stat().st_size:,} bytes")

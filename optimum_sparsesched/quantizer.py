@@ -7,14 +7,18 @@ Load phases (transformers ``HfQuantizer``; what the base class does is not repea
   ``device_map`` is kept: blocks it offloads to ``"cpu"``/``"disk"`` (with ``offload_folder``) are onloaded one at
   a time and their compressed weights written back to the offload store (:mod:`.pipeline.sources`), so models
   larger than the host memory can be compressed too.
-- ``_process_model_before_weight_loading`` (pre-quantized checkpoints): before any tensor is read, the options and
+- ``_process_model_before_weight_loading``: for a model to compress, before any tensor is read, the model must be a
+  causal LM with its head and every safetensors file's header must match its size (:mod:`.pipeline.source_check`,
+  :mod:`.pipeline.checkpoint_files`); for pre-quantized checkpoints the options and
   results of ``config.json`` are checked against what every weight file recorded (:mod:`.formats.metadata`), and the
   key that makes plain transformers refuse a compact checkpoint is marked as expected.
 - load operations (``get_load_operations``): a compact checkpoint (:mod:`.formats.compact`) stores each compressed
   weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact_load.CompactDeserialize`
   checks and rebuilds the dense weight bit for bit while the checkpoint loads, its grid into ``grids``.
-- ``_process_model_after_weight_loading``: for a model that is not yet compressed, calibrate and compress it now
-  (:func:`.sequential.compress_blocks`); then give the model this package's save (:mod:`.publish.save`).
+- ``_process_model_after_weight_loading``: for a model that is not yet compressed, check the source
+  (:func:`.pipeline.source_check.check_source`: every tensor read from the checkpoint, every weight finite), then
+  calibrate and compress it (:func:`.sequential.compress_blocks`); for a loaded checkpoint, every compressed module
+  must have come from it; then give the model this package's save (:mod:`.publish.save`).
 - saving (``get_state_dict_and_metadata``, what a plain ``type(model).save_pretrained`` uses; the model's own
   ``save_pretrained`` is this package's block-by-block writer, :mod:`.publish.save`): the state dict with every
   compressed module encoded in ``export_format`` (:func:`.formats.encode.encoded_state_dict`); every weight file's
@@ -36,7 +40,9 @@ from .formats.compact_load import CompactDeserialize, check_all_loaded
 from .formats.encode import encoded_state_dict
 from .formats.metadata import check_weights_metadata, weights_metadata
 from .formats.spec import ExportSpec
+from .pipeline.checkpoint_files import check_shapes, check_weight_files
 from .pipeline.offload import has_offloaded_weights
+from .pipeline.source_check import check_causal_lm_config, check_causal_lm_model, check_source
 from .publish.save import install_save
 from .sequential import compress_blocks
 
@@ -59,6 +65,11 @@ class SparseScheduleQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
+        if not self.pre_quantized:  # a source to compress: refused now, before any tensor is read
+            check_causal_lm_config(model.config)
+            check_causal_lm_model(model)
+            check_shapes(check_weight_files([f for f in checkpoint_files or () if str(f).endswith(".safetensors")]),
+                         model)  # the model is still weightless: its shapes are config.json's
         if self.pre_quantized:
             config = self.quantization_config
             check_weights_metadata(checkpoint_files or (), config.export_spec(), config.results.layer_sparsities,
@@ -72,10 +83,11 @@ class SparseScheduleQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.pre_quantized:
+            check_source(model)
             compress_blocks(model, self.quantization_config)
         else:
             check_all_loaded(model, self.quantization_config.results.layer_sparsities)
-        install_save(model)
+        install_save(model, source=None if self.pre_quantized else getattr(model, "name_or_path", None))
         return model
 
     # a compressed weight is stored under these names (the compact format) or as a plain dense ``weight``
@@ -111,8 +123,9 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict[str, Any], to
     afterwards it saves, reloads and publishes like a model compressed on load. Returns ``model``."""
     if isinstance(config, dict):
         config = SparseScheduleConfig(**config)
+    check_source(model)
     compress_blocks(model, config, tokenizer)
     if getattr(model, "hf_quantizer", None) is None:
         model.hf_quantizer = SparseScheduleQuantizer(config, pre_quantized=True)
-    install_save(model)
+    install_save(model, source=getattr(model, "name_or_path", None))
     return model

@@ -166,13 +166,14 @@ def solve_block(visit: BlockVisit, accumulators: dict[str, HessianAccumulator], 
     Returns the OBS loss of every module."""
     inverses: dict[int, InverseHessian] = {}
     for acc in dict.fromkeys(accumulators.values()):  # each shared Hessian once, in module order
-        H, _ = ctx.all_reduce_hessian(acc.H, acc.n)
-        inverses[id(acc)] = InverseHessian(H, config.damp)
-        acc.H = H = None  # the inverse holds its own copy: free the accumulator's cols² floats now
+        inverses[id(acc)] = InverseHessian(acc.reduced(ctx), config.damp)  # the single process's H bit for bit
     losses = {}
     for name in ctx.owned(list(visit.modules)):
-        result = prune(visit.weight(name).to(visit.device), inverses[id(accumulators[name])],
-                       config.prune_spec(targets[name]), kernel)
+        try:
+            result = prune(visit.weight(name).to(visit.device), inverses[id(accumulators[name])],
+                           config.prune_spec(targets[name]), kernel)
+        except FloatingPointError as exc:  # name the module the solve failed on
+            raise FloatingPointError(f"{name}: {exc}") from None
         visit.write({name: result.weight})
         if result.grid is not None:
             visit.grids[name] = tuple(t.detach().cpu() for t in result.grid)

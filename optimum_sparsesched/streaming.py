@@ -43,11 +43,13 @@ import torch
 from .config import SparseScheduleConfig
 from .pipeline.blocks import find_decoder_blocks, non_block_modules
 from .pipeline.calibration import resolve_tokenizer
+from .pipeline.checkpoint_files import check_against_config, check_checkpoint_folder, read_config_file
 from .pipeline.distributed import init_distributed
 from .pipeline.plan import plan_compression
+from .pipeline.source_check import check_causal_lm_config, check_source
 from .publish.save import check_folders_apart
 from .publish.shards import shard_size_bytes
-from .publish.staging import staged_folder
+from .publish.staging import check_overwrite, staged_folder
 from .publish.writer import CheckpointWriter, finish_folder
 from .sequential import compress_blocks
 
@@ -75,7 +77,21 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None, token: s
         raise ValueError(f"src: {str(path)!r} has no safetensors weights (model.safetensors or "
                          "model.safetensors.index.json); streaming reads safetensors shards: convert the checkpoint "
                          "with from_pretrained(...).save_pretrained(...) first")
+    with as_src():
+        config = read_config_file(path)
+        check_causal_lm_config(config)  # config.json, the architecture
+        tensors = check_checkpoint_folder(path)  # the index, every shard present, every header against its size
+        check_against_config(config, tensors)  # every tensor of the shape config.json describes
     return path
+
+
+@contextmanager
+def as_src() -> Iterator[None]:
+    """A source check's ``ValueError`` names the argument ``src`` (the checks say ``model:``)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError("src: " + str(exc).removeprefix("model: ")) from None
 
 
 def streaming_device_map(folder: Path) -> dict[str, str]:
@@ -91,23 +107,24 @@ def streaming_device_map(folder: Path) -> dict[str, str]:
     return device_map
 
 
-def _check_output(out: Path, src: Path) -> None:
+def _check_output(out: Path, src: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} is a file; allowed: a folder (created if missing)")
-    if out.resolve() == src.resolve():
-        raise ValueError(f"out: {str(out)!r} is the source checkpoint folder; allowed: another folder (the source's "
-                         "shards are read while the output is written)")
+    check_overwrite(out, overwrite, source=src, what="out")  # a model that is not ours, or the source itself
 
 
 def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
                         config: SparseScheduleConfig | dict[str, Any], tokenizer: Any = None, *,
                         dtype: str | torch.dtype = "auto", max_shard_size: int | str = "50GB",
-                        revision: str | None = None, token: str | bool | None = None) -> SparseScheduleConfig:
+                        revision: str | None = None, token: str | bool | None = None,
+                        overwrite: bool = False) -> SparseScheduleConfig:
     """Compress the safetensors checkpoint ``src`` (folder or hub model id) into the folder ``out`` with one decoder
     block in memory at a time (see the module docstring). ``dtype``: the compute and saved dtype (``"auto"``: the
     checkpoint's, as ``from_pretrained``); ``max_shard_size``: of the output shards (any size costs no memory);
-    ``revision``/``token``: for a hub id. Returns ``config`` with its results filled (also saved in
-    ``out/config.json``). Every check of the arguments runs before any work."""
+    ``revision``/``token``: for a hub id; ``overwrite=True``: replace a model this package did not write in ``out``
+    (or the source folder itself: the output is renamed in only after the last read of the source). Returns
+    ``config`` with its results filled (also saved in ``out/config.json``). Every check of the arguments and of the
+    source runs before any work."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(config, dict):
@@ -115,9 +132,11 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
     if not isinstance(config, SparseScheduleConfig):
         raise ValueError(f"config: a {type(config).__name__} is not valid; allowed: a SparseScheduleConfig or a dict")
     shard_size_bytes(max_shard_size)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite: {overwrite!r} is not valid; allowed: True or False")
     out = Path(out)
     folder = resolve_source(src, revision, token)
-    _check_output(out, folder)
+    _check_output(out, folder, overwrite)
     check_folders_apart(config.checkpoint_dir, out)
     ctx = init_distributed()
     with tempfile.TemporaryDirectory(prefix="sparsesched-offload-") as scratch:  # for weights transformers converts
@@ -125,6 +144,8 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
             model = AutoModelForCausalLM.from_pretrained(folder, device_map=streaming_device_map(folder),
                                                          offload_folder=scratch, dtype=dtype)
         model.eval()
+        with as_src():
+            check_source(model)  # every tensor in the checkpoint, every weight finite: before any work
         tok = resolve_tokenizer(config.tokenizer, tokenizer, model)
         if not Path(src).is_dir():  # a hub id: name the model as from_pretrained(src) would (the card's base_model)
             model.config._name_or_path = model.name_or_path = str(src)
@@ -134,7 +155,7 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
             return config
         created = not out.exists()
         try:
-            with staged_folder(out) as staging:
+            with staged_folder(out, overwrite, source=folder, what="out") as staging:
                 _stream_into(model, config, tok, staging, out, max_shard_size)
         except BaseException:
             if created and out.is_dir() and not any(out.iterdir()):

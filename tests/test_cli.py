@@ -92,7 +92,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(save_tiny, texts, tmp_
     assert main(small("compress", path, str(texts / "eval.txt"))) == 2
     one_line_error(capsys, "OUT", "is a file")
     assert main(small("compress", path, "-o", path)) == 2
-    one_line_error(capsys, "OUT", "MODEL")
+    one_line_error(capsys, "OUT", "the folder the model was loaded from", "--overwrite")
     assert main(small("compress", "-o", path)) == 2  # a model folder this package did not write is never replaced
     one_line_error(capsys, "did not write")
     assert main(["eval", path, "--dataset", str(texts / "eval.txt"), "--max-windows", "0"]) == 2
@@ -158,3 +158,20 @@ def test_cli_embedded_default_model_end_to_end(tmp_path, capsys):
     assert "# SmolLM2-135M-Instruct, 50% sparse" in card and "quantized to Q4_1" in card
     assert "Every decoder block is at sparsity 0.500" in card and not (out / "sparsity_schedule.png").exists()
     assert str(tmp_path) not in card and "/root" not in card and "/home" not in card
+
+
+def test_compress_says_what_it_actually_saved(save_tiny, texts, tmp_path, capsys):
+    """A README of the user's in OUT is kept and no card is written: the summary says so instead of claiming a card,
+    on the streamed path and on the in-memory one."""
+    path = save_tiny("llama")
+    for k, extra in enumerate(([], ["--eval-text", str(texts / "eval.txt")])):
+        out = tmp_path / f"out{k}"
+        out.mkdir()
+        (out / "README.md").write_text("# my notes about this folder\n")
+        assert main(small("compress", str(path), str(out), "--schedule", "uniform", *extra)) == 0
+        said = capsys.readouterr().out
+        assert "saved to" in said and "your README.md was kept, so no model card was written" in said, said
+        assert "model card README.md" not in said and (out / "README.md").read_text().startswith("# my notes")
+        fresh = tmp_path / f"fresh{k}"
+        assert main(small("compress", str(path), str(fresh), "--schedule", "uniform", *extra)) == 0
+        assert f"saved to {fresh} (model, tokenizer and model card README.md)" in capsys.readouterr().out

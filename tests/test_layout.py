@@ -23,7 +23,7 @@ LAYERS = (
     ("formats", ("formats",)),
     ("pipeline", ("pipeline",)),
     ("obs", ("obs",)),
-    ("version", ("version",)),
+    ("utilities", ("version", "network")),
 )
 STAGES = ("cli", "publish", "eval", "schedule", "formats", "pipeline", "obs")
 MAX_LINES = 300

@@ -191,7 +191,7 @@ def test_bad_input_is_refused_before_any_work(sharded, tmp_path, monkeypatch):
     cases = [((tmp_path / "no-weights", tmp_path / "o1", UNIFORM), "src: .*no safetensors weights"),
              ((tmp_path / "plain-file", tmp_path / "o2", UNIFORM), "src: .*is a file"),
              (("/nonexistent/folder", tmp_path / "o3", UNIFORM), "src: .*neither a local folder nor a hub model id"),
-             ((src, src, UNIFORM), "out: .*the source checkpoint folder"),
+             ((src, src, UNIFORM), "out: .*the folder the model was loaded from.*overwrite=True"),
              ((src, tmp_path / "plain-file", UNIFORM), "out: .*is a file"),
              ((src, tmp_path / "o4", {**UNIFORM, "sparsity": 1.5}), "sparsity"),
              ((src, tmp_path / "o6" / "out", {**UNIFORM, "checkpoint_dir": str(tmp_path / "o6")}),

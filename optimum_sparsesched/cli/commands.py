@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from .inputs import (EMBEDDED, UsageError, check_eval_text, check_model_ref, check_output_folder,
                          check_text_source, config_from_args, load_model, parse_tasks)
 from .options import SUMMARY_OPTIONS, build_parser
+from .checks import cli_error, saved_contents
 
 
 def _say(message: str) -> None:  # progress and measurements go to stderr, the summary to stdout
@@ -24,8 +25,8 @@ def _measure(model: Any, tok: Any, text: str, protocol: dict[str, Any]) -> Any:
 
     try:
         return perplexity_report(model, tok, text, **protocol)
-    except ValueError as exc:
-        raise UsageError(f"{Path(text).name}: {exc}") from None
+    except ValueError as exc:  # an option of the protocol is named as it is; a text too short by its file
+        raise cli_error(exc, f"{Path(text).name}: ") from None
 
 
 def _zero_shot(model: Any, tok: Any, a: argparse.Namespace, tasks: list[str]) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def _zero_shot(model: Any, tok: Any, a: argparse.Namespace, tasks: list[str]) ->
     try:
         return zero_shot(model, tok, tasks, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
                          task_paths=a.task_path)
-    except ValueError as exc:
+    except (ValueError, ConnectionError) as exc:  # bad tasks, or their data out of reach
         raise UsageError(str(exc)) from None
 
 
@@ -45,7 +46,7 @@ def _eval(a: argparse.Namespace) -> int:
 
     tasks = parse_tasks(a.tasks, a.task_path)
     text = check_eval_text(a.dataset or str(EVALUATION_TEXT), "--dataset")
-    loaded = load_model(a.model, a.dtype, _say)
+    loaded = load_model(a.model, a.dtype, _say, a.tokenizer)
     if torch.cuda.is_available():
         loaded.model.cuda()
     protocol = dict(seq_len=a.seq_len, max_windows=a.max_windows, stride=a.stride)
@@ -67,7 +68,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype: str,
-                       on_loaded: Any = None, on_compressed: Any = None) -> Any:
+                       on_loaded: Any = None, on_compressed: Any = None, overwrite: bool = False) -> Any:
     """The "load + compress + save" step as one call: load ``model_ref`` (None: the embedded default) in
     ``dtype``, check ``cfg`` against it, run ``on_loaded(loaded)`` (measurements before), compress, run
     ``on_compressed(loaded)`` (measurements after, recorded in the card), save model, tokenizer and card to ``out``
@@ -76,7 +77,7 @@ def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype:
     from ..pipeline.plan import plan_compression
     from ..quantizer import compress
 
-    loaded = load_model(model_ref, dtype, _say)
+    loaded = load_model(model_ref, dtype, _say, cfg.tokenizer, source=True)  # a causal LM, whole, finite
     try:
         plan_compression(loaded.model, cfg.plan_spec())  # seq_len, modules_to_not_convert, pattern against the model
         if on_loaded is not None:
@@ -88,11 +89,11 @@ def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype:
             return loaded  # under torchrun, rank 0 measures and saves
         if on_compressed is not None:
             on_compressed(loaded)
+        if out is not None:
+            loaded.model.save_pretrained(out, overwrite=overwrite)
+            loaded.tokenizer.save_pretrained(out)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if out is not None:
-        loaded.model.save_pretrained(out)
-        loaded.tokenizer.save_pretrained(out)
+        raise cli_error(exc) from None
     return loaded
 
 
@@ -103,9 +104,9 @@ def _compress(a: argparse.Namespace) -> int:
     from ..publish.model_card import record_eval_result, record_zero_shot
     from ..schedule.allocators import weighted_mean
 
-    out = check_output_folder(a.out, a.output, a.model)
+    out = check_output_folder(a.out, a.output, a.model, a.overwrite)
     cfg = config_from_args(a)
-    check_model_ref(a.model)
+    check_model_ref(a.model, a.tokenizer)
     check_text_source(cfg.dataset, "--dataset")
     tasks = parse_tasks(a.tasks, a.task_path)
     measured = bool(tasks) or a.eval_dataset is not None or (a.eval_text is not None and not a.no_eval)
@@ -136,7 +137,8 @@ def _compress(a: argparse.Namespace) -> int:
             summary["tasks"] = _zero_shot(loaded.model, loaded.tokenizer, a, tasks)
             record_zero_shot(loaded.model, summary["tasks"])
 
-    loaded = load_compress_save(a.model, cfg, out, a.dtype, on_loaded=measure_before, on_compressed=measure_after)
+    loaded = load_compress_save(a.model, cfg, out, a.dtype, on_loaded=measure_before, on_compressed=measure_after,
+                                overwrite=a.overwrite)
     if not is_main_process():
         return 0
     achieved = cfg.results.layer_sparsities
@@ -170,9 +172,9 @@ def _compress_streaming(a: argparse.Namespace, cfg: Any, out: Path) -> int:
 
     t0 = time.perf_counter()
     try:
-        compress_checkpoint(a.model, out, cfg, dtype=a.dtype)
+        compress_checkpoint(a.model, out, cfg, dtype=a.dtype, overwrite=a.overwrite)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise cli_error(exc) from None
     if is_main_process():
         with torch.device("meta"):  # module sizes from a weightless skeleton
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
@@ -207,7 +209,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool, out: Path | None) -> 
         if key not in ("ppl_before", "ppl_after", "eval", "saved") and value is not None:
             print(f"  {key:18s} {value}")
     if out is not None:
-        print(f"saved to {out} (model, tokenizer and model card README.md); reload with: import optimum_sparsesched; "
+        print(f"saved to {out} ({saved_contents(out)}); reload with: import optimum_sparsesched; "
               f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
     else:
         print("nothing was saved: add -o OUT (or MODEL OUT) to save the compressed model")
@@ -218,9 +220,9 @@ def _push(a: argparse.Namespace) -> int:
 
     try:
         url = push_to_hub(a.out, a.repo_id, private=True if a.private else None, commit_message=a.commit_message,
-                          revision=a.revision, endpoint=a.endpoint)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+                          revision=a.revision, endpoint=a.endpoint, include=a.include)
+    except (ValueError, ConnectionError) as exc:  # bad input, or the Hub out of reach
+        raise cli_error(exc) from None
     print(url)
     return 0
 

@@ -9,13 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .checks import UsageError, check_loaded_source, check_source_folder, check_tokenizer_source, looks_like_path
+
 #: defaults of the embedded run (no MODEL), chosen so that the README's first command ends in minutes on 2 CPU cores
 EMBEDDED = {"num_samples": 16, "seq_len": 512, "probe_samples": 2, "eval_windows": 2}
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class UsageError(ValueError):
-    """Bad input to the command line: printed as ``error: <message>``, exit code 2."""
 
 
 @dataclass
@@ -60,6 +58,8 @@ def config_from_args(a: Any) -> Any:
                    max_device_memory=a.max_device_memory)
     if a.modules_to_not_convert is not None:
         options["modules_to_not_convert"] = a.modules_to_not_convert
+    if a.tokenizer is not None:
+        options["tokenizer"] = a.tokenizer
     try:
         return SparseScheduleConfig(**options)
     except (ValueError, TypeError) as exc:
@@ -93,8 +93,13 @@ def check_text_source(dataset: Any, option: str) -> None:
         raise UsageError(str(exc)) from None
 
 
-def check_output_folder(out: str | None, output: str | None, model: str | None) -> Path | None:
-    """The folder to save into (None: nothing is saved): not a file, creatable, not the model's own folder."""
+def check_output_folder(out: str | None, output: str | None, model: str | None,
+                        overwrite: bool = False) -> Path | None:
+    """The folder to save into (None: nothing is saved): not a file, creatable, and, unless ``overwrite``, neither
+    the model's own folder nor a folder holding a model this package did not write (the rule of every save,
+    :func:`.publish.staging.check_overwrite`)."""
+    from ..publish.staging import check_overwrite
+
     if out is not None and output is not None and Path(out) != Path(output):
         raise UsageError(f"OUT: given twice ({out!r} and -o {output!r}); give one")
     target = out if out is not None else output
@@ -103,26 +108,14 @@ def check_output_folder(out: str | None, output: str | None, model: str | None) 
     path = Path(target).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"OUT: {target!r} is a file; allowed: a folder (created if missing)")
-    if model is not None and os.path.isdir(model) and path.exists() and path.resolve() == Path(model).resolve():
-        raise UsageError(f"OUT: {target!r} is the folder of MODEL; its weights would be replaced, choose another")
-    if (path / "config.json").is_file() and not _written_by_us(path / "config.json"):
-        raise UsageError(f"OUT: {target!r} holds a model this package did not write (its config.json); saving would "
-                         "replace its weights, choose another folder")
+    try:
+        check_overwrite(path, overwrite, source=model if model is not None else None, what="OUT")
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("overwrite=True", "--overwrite")) from None
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"OUT: {target!r} cannot be created or written ({str(existing)!r} is not writable)")
     return path
-
-
-def _written_by_us(config_json: Path) -> bool:
-    import json
-
-    from ..config import saved_config_dict
-
-    try:
-        return saved_config_dict(json.loads(config_json.read_text())) is not None
-    except (OSError, ValueError):
-        return False
 
 
 def parse_tasks(tasks: str | None, task_paths: list[str]) -> list[str]:
@@ -145,14 +138,10 @@ def parse_tasks(tasks: str | None, task_paths: list[str]) -> list[str]:
     return names
 
 
-def _looks_like_path(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or ref.endswith(("/", os.sep)) or ref.count("/") > 1 or (
-        os.sep != "/" and os.sep in ref)
-
-
-def check_model_ref(ref: str | None) -> None:
-    """``ref`` names a model folder (with ``config.json``) or a hub model whose config loads (a small download, or
-    huggingface_hub's cache); None (the embedded default) is always fine."""
+def check_model_ref(ref: str | None, tokenizer: str | None = None) -> None:
+    """``ref`` names a model folder (with ``config.json``, of a causal LM, its weight files whole, and a tokenizer
+    unless ``tokenizer`` names one) or a hub model whose config loads (a small download, or huggingface_hub's
+    cache); None (the embedded default) is always fine."""
     if ref is None:
         return
     hint = f" (to save the embedded default model into a folder, use: compress -o {ref})"
@@ -162,26 +151,37 @@ def check_model_ref(ref: str | None) -> None:
     if path.exists() and not path.is_dir():
         raise UsageError(f"model: {ref!r} is a file; allowed: a model folder or a hub id")
     if path.exists():
+        check_source_folder(path)
+        check_tokenizer_source(ref, tokenizer)
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoConfig
 
-    if _looks_like_path(ref):
+    from ..pipeline.source_check import check_causal_lm_config
+
+    if looks_like_path(ref):
         raise UsageError(f"model: no such folder {ref!r}")
     try:
         validate_repo_id(ref)
     except HFValidationError:
         raise UsageError(f"model: {ref!r} is neither a folder nor a valid hub id ('name' or 'owner/name')") from None
     try:
-        AutoConfig.from_pretrained(ref)
+        config = AutoConfig.from_pretrained(ref)
     except (OSError, ValueError) as exc:
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise UsageError(f"model: {ref!r} is not a local folder and could not be loaded from the Hugging Face Hub: "
                          f"{reason[:200]}{hint}") from None
+    try:
+        check_causal_lm_config(config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
-def load_model(ref: str | None, dtype: str, say: Callable[[str], None]) -> LoadedModel:
-    """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` with its tokenizer."""
+def load_model(ref: str | None, dtype: str, say: Callable[[str], None], tokenizer: str | None = None,
+               source: bool = False) -> LoadedModel:
+    """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` with its tokenizer
+    (``tokenizer``: another folder or hub id to read it from); with ``source``, checked as the source of a
+    compression (:func:`.pipeline.source_check.check_source`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -193,10 +193,10 @@ def load_model(ref: str | None, dtype: str, say: Callable[[str], None]) -> Loade
         default = load_default_model(torch_dtype, say=say)
         say(f"weights: {default.source}")
         return LoadedModel(default.model, default.tokenizer, default.source)
-    check_model_ref(ref)
+    check_model_ref(ref, tokenizer)
     path = Path(ref).expanduser()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or ref)
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         where = "the folder" if path.exists() else "the Hugging Face Hub"
@@ -204,5 +204,7 @@ def load_model(ref: str | None, dtype: str, say: Callable[[str], None]) -> Loade
         raise UsageError(f"model: {ref!r} could not be loaded from {where}: {reason[:200]}") from None
     if not path.exists() and not getattr(model.config, "weights_source", None):
         model.config.weights_source = f"{ref} from the Hugging Face Hub"
-    source = getattr(model.config, "weights_source", None) or f"the local folder {path.name}"
-    return LoadedModel(model.eval(), tokenizer, source)
+    if source:
+        check_loaded_source(model)
+    where = getattr(model.config, "weights_source", None) or f"the local folder {path.name}"
+    return LoadedModel(model.eval(), tokenizer, where)

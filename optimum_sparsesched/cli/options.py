@@ -84,11 +84,14 @@ def _compress_parser(sub: Any) -> None:
     k.add_argument("--seq-len", type=int, default=None, help=f"tokens per calibration window, at most the model's "
                    f"positions [{d['seq_len']}; embedded: {EMBEDDED['seq_len']}]")
     k.add_argument("--seed", type=int, default=d["seed"], help=f"window sampling seed [{d['seed']}]")
+    k.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH", help="tokenizer folder or hub id [MODEL's own]")
     r = c.add_argument_group("run and output")
     r.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the model is loaded and compressed "
                    "in [float32]")
     r.add_argument("--export-format", default=d["export_format"], choices=EXPORT_FORMATS,
                    help=f"how OUT stores the compressed weights [{d['export_format']}]")
+    r.add_argument("--overwrite", action="store_true", help="replace a model this package did not write in OUT, "
+                   "or MODEL's own folder [refused]")
     r.add_argument("--checkpoint-dir", default=None, help="save every finished block there; a rerun resumes [none]")
     r.add_argument("--max-device-memory", default=None, help='compute-device budget, e.g. "20GiB" [no cap]')
     e = c.add_argument_group("evaluation (perplexity before and after; the same protocol as `eval`)")
@@ -133,6 +136,7 @@ def build_parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
     _eval_options(e)
     _task_options(e)
     e.add_argument("--dtype", default="float32", choices=DTYPES, help="[float32]")
+    e.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH", help="tokenizer folder or hub id [MODEL's own]")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     p = sub.add_parser("push", help="upload a saved compressed checkpoint (with its model card) to the Hub")
     p.add_argument("out", help="folder that save_pretrained (or `compress MODEL OUT`) wrote")
@@ -141,4 +145,7 @@ def build_parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None)
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     p.add_argument("--endpoint", default=None, help="Hub URL (default: huggingface_hub's, i.e. HF_ENDPOINT)")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN", help="also upload the files "
+                   "matching PATTERN (repeatable; e.g. '*' for the whole folder) [the checkpoint's own files: "
+                   "weights, index, configs, tokenizer, card, plot]")
     return ap

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,6 +81,9 @@ def check_protocol(model: nn.Module, seq_len: int, stride: int | None, max_windo
     limit = max_positions(model)
     if limit is not None and seq_len > limit:
         raise ValueError(f"seq_len: {seq_len} is longer than the model's {limit} positions; allowed: 1..{limit}")
+    if stride is not None and stride > seq_len:
+        raise ValueError(f"stride: {stride} is larger than seq_len={seq_len}; allowed: 1..{seq_len} (windows start "
+                         f"every stride tokens; stride = seq_len, or None, gives non-overlapping windows)")
 
 
 def eval_spans(n_tokens: int, seq_len: int, stride: int | None = None,
@@ -89,7 +93,9 @@ def eval_spans(n_tokens: int, seq_len: int, stride: int | None = None,
     if n_tokens < seq_len:
         raise ValueError(f"texts_or_path: the text has {n_tokens} tokens, fewer than seq_len={seq_len} for one "
                          f"window; give more text or a smaller seq_len")
-    if stride is None or stride >= seq_len:
+    if stride is not None and stride > seq_len:
+        raise ValueError(f"stride: {stride} is larger than seq_len={seq_len}; allowed: 1..{seq_len}")
+    if stride is None or stride == seq_len:
         spans = [(b, b + seq_len, b + 1) for b in range(0, n_tokens - seq_len + 1, seq_len)]
     else:
         spans, scored_until = [], 1
@@ -158,6 +164,18 @@ def perplexity(model: nn.Module, tokenizer: Any, texts_or_path: str | os.PathLik
     return perplexity_report(model, tokenizer, texts_or_path, seq_len, max_windows, stride).value
 
 
+def warn_truncated(lengths: Sequence[int], limit: int) -> None:
+    """Warn (``UserWarning``) when texts of ``lengths`` tokens are longer than ``limit``: only their first
+    ``limit`` tokens are scored, as the Hub ``perplexity`` metric truncates them; says how many tokens are dropped."""
+    over = {k: n - limit for k, n in enumerate(lengths) if n > limit}
+    if over:
+        shown = ", ".join(f"predictions[{k}] {d}" for k, d in list(over.items())[:5]) + ", ..." * (len(over) > 5)
+        warnings.warn(f"max_length: {len(over)} of {len(lengths)} texts are longer than max_length={limit} tokens; "
+                      f"only their first {limit} tokens are scored and {sum(over.values())} tokens are dropped "
+                      f"({shown}). Pass a larger max_length (up to the model's positions), split the texts, or use "
+                      "protocol='sparsegpt', which scores every window of a long text", UserWarning, stacklevel=3)
+
+
 @torch.no_grad()
 def text_perplexities(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16,
                       add_start_token: bool = True, max_length: int | None = None) -> list[float]:
@@ -177,7 +195,9 @@ def text_perplexities(model: nn.Module, tokenizer: Any, texts: Sequence[str], ba
         if len(ids) < 2:
             raise ValueError(f"predictions[{k}]: {text!r} has too few tokens to score (needs 2 with the start token"
                              f"{'' if add_start_token else '; add_start_token=False'})")
-        sequences.append(ids[:limit])
+        sequences.append(ids)
+    warn_truncated([len(s) for s in sequences], limit)
+    sequences = [s[:limit] for s in sequences]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..network import unreachable
+
 #: lm-eval's metric keys (``"acc,none"``) that :func:`zero_shot` reports
 METRICS = ("acc", "acc_norm")
 
@@ -94,15 +96,29 @@ def zero_shot(model: Any, tokenizer: Any, tasks: str | Sequence[str], *, limit: 
                              + "; see `lm-eval ls tasks` or pass task_paths")
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                          fewshot_random_seed=seed)
+        except Exception as exc:  # a task's dataset out of reach: one line naming it
+            raise _data_unreachable(exc, names) from None
         if was_training:
             model.train()
     finally:
         lm_logger.setLevel(level)
     return {task: _result(task, out, num_fewshot) for task in names}
+
+
+def _data_unreachable(exc: Exception, names: list[str]) -> Exception:
+    """``exc`` as one ``ConnectionError`` naming the tasks when it says their data could not be downloaded (lm-eval
+    loads each task's dataset from the Hub), else ``exc`` itself."""
+    reason = unreachable(exc)
+    if reason is None:
+        return exc
+    return ConnectionError(f"tasks: the data of {', '.join(names)} could not be loaded: the Hugging Face Hub cannot "
+                           f"be reached ({reason}); lm-eval downloads each task's dataset once (then "
+                           "HF_DATASETS_OFFLINE=1 reads its cache), or give local task configs with task_paths")
 
 
 def _result(task: str, out: dict[str, Any], num_fewshot: int) -> TaskResult:

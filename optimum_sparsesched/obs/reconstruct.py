@@ -22,8 +22,11 @@ targets ``Y_j``; nothing here knows about models, devices or ranks beyond that.
 - **Guard.** The mean ``ℓ`` over all windows is measured before and after; the new weights are kept only if it is
   lower and finite, else the solve's weights are restored bit for bit: never worse than the OBS result on the
   calibration windows.
-- **Distributed** (a :class:`Reducer`): every rank runs its own windows; each step's gradients are summed over the
-  ranks (ranks with fewer windows add zeros), so all ranks take identical steps and keep identical weights.
+- **Distributed** (a :class:`Reducer`): the steps are the single process's. Rank ``r`` holds the global windows
+  ``r, r + world, …``; one epoch visits every window once in the order of one seeded permutation of all ``N``
+  windows; each step's gradient is computed by the rank holding that window and summed over the ranks (the others
+  add zeros, an exact sum), and the errors before and after are summed in window order, so every rank takes the
+  single process's steps and keeps the single process's weights.
 """
 
 from __future__ import annotations
@@ -122,18 +125,18 @@ def reconstruct_block(weights: Sequence[KeptWeight], forward: Callable[[int], to
     def window_error(j: int) -> torch.Tensor:
         return relative_error(forward(j), targets[j])
 
-    def mean_error() -> float:
-        local = torch.tensor([sum(float(window_error(j)) for j in range(count)), float(count)],
-                             dtype=torch.float64, device=masters[0].device)
-        total = reducer.all_reduce_sum(local)
-        return float(total[0] / total[1].clamp_min(1))
+    rank, world, device = reducer.rank, reducer.world, masters[0].device  # (NCCL reduces device tensors only)
+    total = int(reducer.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=device)).item())
+
+    def mean_error() -> float:  # summed in global window order, as one process sums them
+        errors = torch.zeros(total, dtype=torch.float64, device=device)
+        for j in range(count):
+            errors[rank + j * world] = float(window_error(j))
+        return sum(reducer.all_reduce_sum(errors).tolist()) / max(total, 1)
 
     before = mean_error()
-    counts = torch.zeros(reducer.world, dtype=torch.float64, device=masters[0].device)
-    counts[reducer.rank] = count
-    steps_per_epoch = int(reducer.all_reduce_sum(counts).max())
-    total_steps = max(spec.epochs * steps_per_epoch, 1)
     optimizer = torch.optim.Adam(masters, lr=spec.lr)
+    total_steps = max(spec.epochs * total, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     generator = torch.Generator().manual_seed((spec.seed + block_index) % 2**63)
     requires = {p: p.requires_grad for p in (*frozen, *params)}
@@ -143,17 +146,14 @@ def reconstruct_block(weights: Sequence[KeptWeight], forward: Callable[[int], to
         for p in params:
             p.requires_grad_(True)
         for _ in range(spec.epochs):
-            for j in torch.randperm(steps_per_epoch, generator=generator).tolist():
-                contributes = j < count
-                if contributes:
+            for g in torch.randperm(total, generator=generator).tolist():  # global window g, on rank g % world
+                mine = g % world == rank
+                if mine:
                     with torch.enable_grad():
-                        window_error(j).backward()
-                grads = [(p.grad.float() * m) if contributes else torch.zeros_like(s)
-                         for p, m, s in zip(params, masks, masters)]
-                steps = reducer.all_reduce_sum(torch.tensor([float(contributes)], dtype=torch.float64,
-                                                            device=masters[0].device))
-                for master, grad in zip(masters, grads):
-                    master.grad = reducer.all_reduce_sum(grad) / float(steps.clamp_min(1))
+                        window_error(g // world).backward()
+                for p, m, master in zip(params, masks, masters):
+                    grad = (p.grad.float() * m) if mine else torch.zeros_like(master)
+                    master.grad = reducer.all_reduce_sum(grad)
                 optimizer.step()
                 schedule.step()
                 for p, master, m in zip(params, masters, masks):

@@ -3,7 +3,7 @@ column scan in plain torch, the reference every other scan reproduces.
 
 Notation (Frantar & Alistarh, 2023). A layer computes ``Y = W X`` with ``W`` ``[rows, cols]`` and calibration
 inputs ``X`` ``[cols, n]``. Its reconstruction loss ``||W X - Ŵ X||²`` has Hessian ``H = 2 X Xᵀ / n``
-``[cols, cols]`` (accumulated in float32 by :class:`..pipeline.hessians.HessianAccumulator`).
+``[cols, cols]`` (float32; summed in float64 by :class:`..pipeline.hessians.HessianAccumulator`).
 
 Removing weight ``w_q`` of a row and updating the remaining weights of that row optimally costs
 ``ε_q = w_q² / [H⁻¹]_qq`` and moves the others by ``δ = -(w_q / [H⁻¹]_qq) · H⁻¹_{:,q}``. SparseGPT processes the

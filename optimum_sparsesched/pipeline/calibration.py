@@ -253,6 +253,11 @@ def resolve_tokenizer(option: Any, tokenizer: Any, model: Any) -> Any:
     if isinstance(tok, str):
         from transformers import AutoTokenizer
 
+        from .checkpoint_files import has_tokenizer_files, missing_tokenizer
+
+        if tokenizer is None and option is None and os.path.isdir(tok) and not has_tokenizer_files(tok):
+            raise missing_tokenizer(tok, "tokenizer= (compress(model, config, tokenizer=...), "
+                                         "SparseScheduleConfig(tokenizer=...) or compress_checkpoint(..., tokenizer=...))")
         try:
             tok = AutoTokenizer.from_pretrained(tok)
         except (OSError, ValueError) as exc:

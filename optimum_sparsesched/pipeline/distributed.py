@@ -5,13 +5,14 @@ user's script.
 Work split (every rank holds the whole model, on CPU or offloaded as usual):
 - calibration windows are drawn identically on every rank (same seed); rank ``r`` captures and propagates windows
   ``r, r + N, r + 2N, …``;
-- per block, every rank accumulates the Hessians ``H_r`` of its windows (``n_r`` tokens); one all-reduce of
-  ``n_r H_r`` and of ``n_r`` gives exactly the single-process ``H = Σ n_r H_r / Σ n_r``;
+- per block, every rank sums the Hessian products of its windows in float64 (``S_r``, ``n_r`` tokens); one
+  all-reduce of ``S_r`` and of ``n_r`` gives the single-process ``H = 2 Σ S_r / Σ n_r`` bit for bit
+  (:mod:`.hessians`), so every solver sees the Hessian a single process sees;
 - the modules of a block are solved round-robin on the ranks and each result is broadcast from its owner;
 - the schedule's statistics are measured by rank 0 (on the same probe windows a single process uses) and broadcast;
 - rank 0 writes checkpoints and ``save_pretrained`` output.
 
-Communication per block: the Hessians, ``Σ_modules cols² · 4`` bytes all-reduced, plus the compressed weights
+Communication per block: the Hessian sums, ``Σ_modules cols² · 8`` bytes all-reduced, plus the compressed weights
 broadcast once (``Σ rows · cols`` in the model dtype).
 When ``WORLD_SIZE > 1`` and no process group exists yet, one is initialised (NCCL on GPUs, gloo on CPU).
 """
@@ -54,16 +55,11 @@ class DistributedContext:
         """The rank that solves the ``index``-th module of a block."""
         return index % self.world
 
-    def all_reduce_hessian(self, H: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-        """``(Σ n_r H_r / Σ n_r, Σ n_r)`` over all ranks."""
-        if not self.enabled:
-            return H, n
-        total = torch.tensor([float(n)], dtype=torch.float64, device=H.device)
-        weighted = H * float(n)
-        dist.all_reduce(weighted)
-        dist.all_reduce(total)
-        count = int(total.item())
-        return weighted / max(count, 1), count
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``Σ_r tensor_r`` over all ranks, in place; returns ``tensor``."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``Σ_r tensor_r`` over all ranks (a new tensor; ``tensor`` itself when ``world == 1``)."""

@@ -1,13 +1,21 @@
-"""Hessian capture: ``H = 2 X Xᵀ / n`` of every compressible module's inputs, in float32, shared between modules
-that read the same input.
+"""Hessian capture: ``H = 2 X Xᵀ / n`` of every compressible module's inputs, shared between modules that read the
+same input.
 
-Forward hooks see each module's input ``X`` (``[..., cols]``, every position one sample) while a decoder block
+Summation. Each window's product ``X_j X_jᵀ`` is computed in float32 and added into a float64 sum
+``S = Σ_j X_j X_jᵀ``; ``H = 2 S / n`` is handed to the solvers in float32. Summed in float64, the float32 products
+give the same float32 ``H`` whatever order the windows come in: under torch.distributed, where each rank sums its
+own windows and the ranks' sums are added (:meth:`HessianAccumulator.reduced`), ``H`` is the single process's bit
+for bit (a float64 sum of float32 products is exact while the products' exponents span fewer than ~22 binades, and
+otherwise differs by ~1e-16, below float32's resolution). The solvers then see one Hessian whatever the launch: a
+layer whose least-squares problem is ill-conditioned (``solver="refit"``/``"admm"``) would otherwise turn a one-ulp
+difference of ``H`` into a visibly different layer, and the next blocks' masks into different masks.
+
+Forward pre-hooks see each module's input ``X`` (``[..., cols]``, every position one sample) while a decoder block
 runs on the calibration windows. Modules fed the very same tensor — q/k/v after the attention norm, gate/up after
 the MLP norm, OPT's q/k/v, fc1 — get one accumulator between them: the Hessian (and later its inverse) is computed
-once, not once per module. Which modules share is read off the first window's forward (same storage, same shape),
-and the groups come in the order the forward reaches them. The block runs inside its visit
-(:class:`.sources.BlockVisit`), on the compute device; a pass whose outputs are not needed stops each window's
-forward once every group has its input.
+once, not once per module. Which modules share is read off the first window's forward (same storage, same shape).
+The block runs inside its visit (:class:`.sources.BlockVisit`), on the compute device; a pass whose outputs are not
+needed stops each window's forward once every group has its input.
 """
 
 from __future__ import annotations
@@ -23,48 +31,55 @@ from .sources import BlockVisit
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n Σ x xᵀ`` over calibration tokens, float32 ``[cols, cols]``.
+    """``S = Σ x xᵀ`` over calibration tokens and the token count ``n``; :attr:`H` is ``2 S / n`` in float32.
 
-    ``H`` is symmetric, so each batch updates only the row strips ``H[a:b, a:]`` on and above the diagonal (about
-    ``(k+1)/2k`` of a full product's flops with ``k`` strips of ≈ :data:`STRIP` rows); the rest is mirrored from
-    them when ``H`` is read. Each entry is the same dot product over the same samples as in one ``XᵀX``."""
+    Each window's product is computed in float32 and added into a float64 ``S`` (see the module docstring), and only
+    its row strips ``S[a:b, a:]`` on and above the diagonal are computed (about ``(k+1)/2k`` of a full product's
+    flops with ``k`` strips of ≈ :data:`STRIP` rows); the lower triangle is mirrored when ``H`` is read."""
 
-    #: rows of a strip of ``H`` updated by one matrix product
+    #: rows of a strip of ``S`` computed by one matrix product
     STRIP = 320
 
     def __init__(self, columns: int, device: torch.device | str, name: str = "") -> None:
-        self._H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self._mirrored = True
+        self.S: torch.Tensor | None = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self.n = 0
         self.name = name
 
-    @property
-    def H(self) -> torch.Tensor:
-        """The Hessian ``[cols, cols]``, its lower triangle mirrored from the upper one accumulated."""
-        if not self._mirrored:
-            self._H = torch.triu(self._H) + torch.triu(self._H, 1).mT
-            self._mirrored = True
-        return self._H
-
-    @H.setter
-    def H(self, value: torch.Tensor | None) -> None:
-        self._H, self._mirrored = value, True
-
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs ``x`` ``[..., cols]`` (any leading shape: every position is one sample)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self._H.device, dtype=torch.float32)
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.S.device, dtype=torch.float32)
         if not all_finite(x):
             raise FloatingPointError(
                 f"{self.name or 'a module'}: non-finite calibration activations (NaN/Inf) at its input; the model "
                 "overflows in its dtype on this text (try dtype=torch.float32) or its weights hold NaN/Inf")
-        m, cols = x.shape
-        self._H.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x * (2.0 / self.n) ** 0.5  # never in place: x may be the live activation
+        cols = x.shape[1]
         strip = -(-cols // max(1, round(cols / self.STRIP)))
-        for a in range(0, cols, strip):
-            self._H[a:a + strip, a:].addmm_(x[:, a:a + strip].t(), x[:, a:])
-        self._mirrored = False
+        for a in range(0, cols, strip):  # the float32 product of each strip, summed in float64
+            self.S[a:a + strip, a:] += x[:, a:a + strip].t() @ x[:, a:]
+        self.n += x.shape[0]
+
+    @staticmethod
+    def _hessian(S: torch.Tensor, n: float) -> torch.Tensor:
+        return (torch.triu(S) + torch.triu(S, 1).mT).to(torch.float32).mul_(2.0 / max(n, 1.0))
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """``2 S / n`` ``[cols, cols]`` float32, its lower triangle mirrored (None once freed by ``H = None``)."""
+        return None if self.S is None else self._hessian(self.S, self.n)
+
+    @H.setter
+    def H(self, value: None) -> None:
+        if value is not None:
+            raise ValueError("HessianAccumulator.H is computed from the sums; only None (free them) may be set")
+        self.S = None
+
+    def reduced(self, ctx: Any) -> torch.Tensor:
+        """``H`` over every rank of ``ctx`` (a :class:`.distributed.DistributedContext`): the ranks' float64 sums and
+        token counts added, then ``2 S / n``; frees this accumulator's sum."""
+        S, self.S = self.S, None
+        count = torch.tensor([float(self.n)], dtype=torch.float64, device=S.device)
+        S, count = ctx.all_reduce_(S), ctx.all_reduce_(count)
+        return self._hessian(S, float(count.item()))
 
 
 class _GroupsSeen(Exception):

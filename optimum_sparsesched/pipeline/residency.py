@@ -17,8 +17,9 @@ rank; ``p`` = probe windows; ``k`` = damage streams of the schedule (1 for ``"he
 ``L`` = blocks):
 
 - block weights ``W_b`` = Σ bytes of the block's parameters and buffers (as stored);
-- Hessians ``H_b = 4·(3·Σ_m cols_m² + 3·max_m cols_m²)``: per module its float32 accumulator ``H``, the damped copy
-  and the Cholesky factor ``U`` of ``H⁻¹``, plus one factorisation's temporaries (identity, ``L``, ``H⁻¹``). Modules
+- Hessians ``H_b = 4·(3·Σ_m cols_m² + 3·max_m cols_m²)``: per module its float64 sum ``S`` (two float32 units,
+  freed when its ``H`` is handed over), then the damped copy and the Cholesky factor ``U`` of ``H⁻¹``, plus one
+  window's float32 product or one factorisation's temporaries (identity, ``L``, ``H⁻¹``). Modules
   reading the same input (q/k/v, gate/up) share one Hessian in fact; counting one per module is an upper bound
   (+20–30% on the Hessian term of Llama blocks), since the sharing is only known after a forward;
 - OBS working copy ``O_b = 4·(3·rows·cols + 5·rows·B)`` for the module with the most weights: the float32 copy, the

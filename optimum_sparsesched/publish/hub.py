@@ -1,23 +1,34 @@
 """Publishing a compressed checkpoint on the Hugging Face Hub.
 
 :func:`push_to_hub` checks that a folder is a checkpoint compressed by this package, writes its model card when the
-folder has none, creates the repo (``exist_ok``) and uploads the folder with ``HfApi.upload_folder``. Every bad
-argument raises a ``ValueError`` naming it before any request is made. The token is whatever huggingface_hub
-resolves (``token=``, ``HF_TOKEN``, ``hf auth login``); it is never printed or written. The endpoint is
-huggingface_hub's (``HF_ENDPOINT``) unless ``endpoint=`` is given.
+folder has none, creates the repo (``exist_ok``) and uploads the checkpoint's own files with
+``HfApi.upload_folder`` (:func:`checkpoint_files`: weights, index, configs, tokenizer files, card, plot, at the top
+of the folder; ``include=[...]`` adds more, e.g. ``["*"]`` for everything): a ``.env``, notes or subfolders beside
+the checkpoint stay local. Every bad argument raises a ``ValueError`` naming it before any request is made; a Hub
+that cannot be reached (offline mode, no network) raises one ``ConnectionError`` naming it. The token is whatever
+huggingface_hub resolves (``token=``, ``HF_TOKEN``, ``hf auth login``); it is never printed or written. The
+endpoint is huggingface_hub's (``HF_ENDPOINT``) unless ``endpoint=`` is given.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import QUANT_METHOD, saved_config_dict
 from ..formats.metadata import RESULTS_KEY, read_weights_metadata, results_digest
-from .model_card import CARD_FILE, CARD_RESULTS_KEY, card_for_folder, is_own_card
+from ..network import hub_endpoint, unreachable
+from ..pipeline.checkpoint_files import TOKENIZER_PATTERNS
+from .model_card import CARD_FILE, CARD_RESULTS_KEY, PLOT_FILE, card_for_folder, is_own_card
 from .staging import STAGING_PREFIX
+
+#: the files of a saved checkpoint (top level of its folder): weights and index, configs, tokenizer files, card, plot
+CHECKPOINT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                       *TOKENIZER_PATTERNS, "preprocessor_config.json", "processor_config.json", CARD_FILE, PLOT_FILE)
 
 
 def check_repo_id(repo_id: Any) -> str:
@@ -73,17 +84,43 @@ def check_folder_agrees(folder: str | os.PathLike, config: dict[str, Any]) -> No
             raise ValueError(f"folder: {str(path)!r}: {name} describes another save than config.json (results "
                              f"digest {digest} != {expected}); save the model into this folder again before "
                              "publishing it")
+def checkpoint_files(folder: str | os.PathLike) -> list[str]:
+    """The names of the checkpoint's own files at the top of ``folder`` (:data:`CHECKPOINT_PATTERNS`, and the
+    remote-code modules its ``config.json`` names in ``auto_map``)."""
+    path = Path(folder)
+    patterns = list(CHECKPOINT_PATTERNS)
+    try:
+        auto_map = json.loads((path / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        auto_map = {}
+    if isinstance(auto_map, dict):
+        refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+        patterns += [r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs]
+    return sorted(p.name for p in path.iterdir()
+                  if p.is_file() and any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns))
+
+
+def _check_include(include: Any) -> list[str]:
+    if isinstance(include, str):
+        include = [include]
+    if not isinstance(include, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in include):
+        raise ValueError(f"include: {include!r} is not valid; allowed: a list of file name patterns (e.g. ['*.md', "
+                         "'eval/*']) uploaded besides the checkpoint's own files")
+    return list(include)
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: bool | str | None = None,
                 private: bool | None = None, commit_message: str | None = None,
                 commit_description: str | None = None, revision: str | None = None, create_pr: bool = False,
-                endpoint: str | None = None) -> str:
+                endpoint: str | None = None, include: Sequence[str] = ()) -> str:
     """Upload the compressed checkpoint in ``folder`` to the model repo ``repo_id`` (created if needed).
 
     Writes the model card (``README.md`` + ``sparsity_schedule.png``) into ``folder`` first when it has no
-    ``README.md``. ``revision``: a branch, created from the default branch if missing. ``endpoint``: a Hub URL
-    other than huggingface_hub's default. Returns the commit URL (a ``huggingface_hub.CommitInfo``, which is a str).
+    ``README.md``. Uploads only the checkpoint's own files (:func:`checkpoint_files`) and those matching the
+    patterns of ``include`` (huggingface_hub's ``allow_patterns``, paths relative to ``folder``). ``revision``: a
+    branch, created from the default branch if missing. ``endpoint``: a Hub URL other than huggingface_hub's
+    default. Returns the commit URL (a ``huggingface_hub.CommitInfo``, which is a str). A Hub that cannot be
+    reached raises ``ConnectionError`` naming it; nothing is uploaded then.
     """
     from huggingface_hub import HfApi
 
@@ -94,13 +131,22 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: bool | str | 
             raise ValueError(f"{name}: {value!r} is not valid; allowed: None or a non-empty string")
     if private is not None and not isinstance(private, bool):
         raise ValueError(f"private: {private!r} is not valid; allowed: None, True or False")
+    include = _check_include(include)
     if not (Path(folder) / CARD_FILE).is_file():
         card_for_folder(folder, repo_id=repo_id)
+    allow = [glob.escape(name) for name in checkpoint_files(folder)] + include
     api = HfApi(endpoint=endpoint.rstrip("/") if endpoint else None, token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    return api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
-                             commit_message=commit_message or "Upload model compressed with optimum-sparsesched",
-                             commit_description=commit_description,
-                             ignore_patterns=[f"{STAGING_PREFIX}*"])  # what a killed save may have left
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or "Upload model compressed with optimum-sparsesched",
+                                 commit_description=commit_description, allow_patterns=allow,
+                                 ignore_patterns=[f"{STAGING_PREFIX}*"])  # what a killed save may have left
+    except Exception as exc:  # a Hub out of reach: one line naming it (the CLI exits 2)
+        reason = unreachable(exc)
+        if reason is None:
+            raise
+        raise ConnectionError(f"push: the Hugging Face Hub at {hub_endpoint(endpoint)} cannot be reached ({reason}); "
+                              "nothing was uploaded: check the network, HF_HUB_OFFLINE and HF_ENDPOINT") from None

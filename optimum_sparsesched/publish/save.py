@@ -7,7 +7,9 @@ streamed) into a private staging folder inside the target, adds the model card (
 (:func:`.writer.finish_folder`), and swaps the files in one by one, ``config.json`` last
 (:func:`.staging.staged_folder`): only the files this save writes are replaced, stale weight files of an earlier
 save of ours are removed, everything else in the folder (``.git/``, subfolders, your files, tokenizer files) stays
-as it was, and a failure before the swap leaves the folder untouched. A save into (or around) the run's
+as it was, and a failure before the swap leaves the folder untouched. A folder holding a model this package did not
+write, or the folder the model was compressed from (its original weights), is refused unless
+``save_pretrained(..., overwrite=True)`` (:func:`.staging.check_overwrite`). A save into (or around) the run's
 ``checkpoint_dir`` is refused: the resume state would be mixed into the published checkpoint. Under
 torch.distributed only rank 0 writes. ``type(model).save_pretrained(model, ...)`` goes around all this: a plain
 transformers save of the same tensors (the quantizer's state dict), without card or staging.
@@ -31,23 +33,29 @@ from .hub import check_repo_id, push_to_hub
 from .staging import staged_folder
 from .writer import check_save_kwargs, finish_folder, write_checkpoint
 
+#: instance attribute: the folder a compressed model's original weights were loaded from
+SOURCE_ATTR = "_sparse_schedule_source"
 #: ``save_pretrained(push_to_hub=True, ...)`` keywords that go to the upload, not to the save
 HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "token", "private", "revision")
 
 
 def atomic_save_pretrained(model: Any, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
     """``type(model).save_pretrained`` and the model card into a staging folder, then swapped into
-    ``save_directory`` file by file (:func:`.staging.staged_folder`); with ``push_to_hub=True`` then upload it."""
+    ``save_directory`` file by file (:func:`.staging.staged_folder`); with ``push_to_hub=True`` then upload it.
+    ``overwrite=True``: replace a model this package did not write, or the model's own source folder."""
     if not is_main_process():
         return None  # rank 0 writes the checkpoint
+    overwrite = kwargs.pop("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite: {overwrite!r} is not valid; allowed: True or False")
     if kwargs.pop("push_to_hub", False):
 
         hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         repo_id = check_repo_id(hub.pop("repo_id", None) or Path(save_directory).name)  # as transformers names it
-        result = _save(model, Path(save_directory), args, kwargs, repo_id=repo_id)
+        result = _save(model, Path(save_directory), args, kwargs, repo_id=repo_id, overwrite=overwrite)
         push_to_hub(save_directory, repo_id, **hub)
         return result
-    return _save(model, Path(save_directory), args, kwargs)
+    return _save(model, Path(save_directory), args, kwargs, overwrite=overwrite)
 
 
 def check_apart_from_checkpoint_dir(model: Any, target: Path) -> None:
@@ -69,12 +77,12 @@ def check_folders_apart(checkpoint_dir: Any, target: Path) -> None:
 
 
 def _save(model: Any, target: Path, args: tuple, kwargs: dict, repo_id: str | None = None,
-          extra_tags: Iterable[str] = ()) -> None:
+          extra_tags: Iterable[str] = (), overwrite: bool = False) -> None:
     check_save_kwargs(args, kwargs)
     check_apart_from_checkpoint_dir(model, target)
     if kwargs.get("is_main_process", True) is False:
         return None
-    with staged_folder(target) as staging:
+    with staged_folder(target, overwrite, source=model.__dict__.get(SOURCE_ATTR)) as staging:
         write_checkpoint(model, staging, model.config.quantization_config, kwargs.get("max_shard_size") or "50GB",
                          kwargs.get("save_original_format", True))
         finish_folder(model, staging, target, model_name=repo_id.split("/")[-1] if repo_id else target.name,
@@ -101,8 +109,11 @@ def push_model_to_hub(model: Any, repo_id: str, *, commit_message: str | None = 
                            commit_description=commit_description, revision=revision, create_pr=create_pr)
 
 
-def install_save(model: Any) -> None:
+def install_save(model: Any, source: str | os.PathLike | None = None) -> None:
     """Make ``model.save_pretrained`` atomic (with the model card) and ``model.push_to_hub`` publish the card, for
-    this instance."""
+    this instance. ``source``: the folder the model was compressed from (its ``name_or_path``), which a save then
+    refuses to replace without ``overwrite=True``."""
+    if source:
+        model.__dict__[SOURCE_ATTR] = os.fspath(source)
     model.save_pretrained = functools.partial(atomic_save_pretrained, model)
     model.push_to_hub = functools.partial(push_model_to_hub, model)

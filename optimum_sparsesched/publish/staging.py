@@ -9,11 +9,11 @@ other writer of a whole checkpoint folder)::
 
 1. The folder is created if missing; a symlink to a folder is followed (the files go where it points, the link
    stays a link). An exclusive ``flock`` on the folder itself (no lock file is left) keeps two saves into one
-   folder apart: the second is refused with a ``ValueError`` naming it.
+   folder apart: the second is refused with a ``ValueError`` naming it. Without ``overwrite=True``, a folder holding
+   a model we did not write, or the model's own source folder, is refused (:func:`check_overwrite`).
 2. Leftovers of killed saves are removed: our staging folders (``.optimum-sparsesched-staging-*`` inside the target;
    holding the lock proves no live save owns them) and the sibling ``.NAME.tmp-XXXXXXXX`` folders of 0.2.
-3. The caller writes into a private staging folder inside the target, so every rename below stays on one
-   filesystem and is atomic.
+3. The caller writes into a private staging folder inside the target (every rename below is atomic).
 4. On success every staged file is fsynced. A weight file that the new checkpoint does not replace but that
    transformers would load instead of it (a ``model.safetensors`` beside a new sharded index) must be ours, else the
    save is refused before the target is touched. Then the files are renamed into the target: auxiliary files (card,
@@ -23,10 +23,9 @@ other writer of a whole checkpoint folder)::
    writes no card), tokenizer files.
 5. On any failure before the renames the staging folder is removed and the target is exactly as it was.
 
-What an earlier save of ours wrote (:func:`files_of_our_checkpoint`): safetensors files whose header carries this
-package's marker (:mod:`..formats.metadata`), and a weight index that lists only such files. Anything else is never
-deleted (weights saved by 0.2 in the dense format carry no marker: they are kept, or the save is refused when they
-would shadow the new checkpoint).
+What an earlier save of ours wrote (:func:`files_of_our_checkpoint`): safetensors files carrying our marker
+(:mod:`..formats.metadata`), and a weight index listing only such files. Anything else is never deleted (0.2's
+dense weights carry no marker: they are kept, or the save is refused when they would shadow the new checkpoint).
 
 At every instant the folder loads as the old checkpoint, as the new one, or is refused on load: while the renames
 run, the weights present and ``config.json`` may come from different saves, and the new weight files record the
@@ -46,6 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..config import saved_config_dict
 from ..formats.metadata import written_by_this_package
 
 try:
@@ -138,6 +138,40 @@ def files_of_our_checkpoint(folder: Path) -> set[str]:
     return ours
 
 
+def foreign_model_files(folder: Path) -> list[str]:
+    """The files that make ``folder`` hold a model this package did not write: a ``config.json`` not ours (and the
+    weight files), or without one, weight files without our marker (0.2's dense weights have none: a folder whose
+    ``config.json`` is ours holds our checkpoint)."""
+    if not folder.is_dir():
+        return []
+    weights = sorted(p.name for p in folder.iterdir()
+                     if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES + INDEX_SUFFIXES))
+    config = folder / CONFIG_FILE
+    if config.is_file():
+        try:
+            ours = saved_config_dict(json.loads(config.read_text(encoding="utf-8"))) is not None
+        except (OSError, ValueError, UnicodeDecodeError):
+            ours = False
+        return [] if ours else [CONFIG_FILE, *weights]
+    return sorted(set(weights) - files_of_our_checkpoint(folder))
+
+
+def check_overwrite(folder: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None,
+                    what: str = "save_directory") -> None:
+    """The rule of every checkpoint writer (``save_pretrained``, ``compress_checkpoint``, the CLI): unless
+    ``overwrite``, refuse (``ValueError`` naming ``what``) a ``folder`` holding a model this package did not write
+    (:func:`foreign_model_files`) or that is ``source``, the folder the model was compressed from."""
+    real = Path(os.path.realpath(folder))
+    advice = "Save into another folder, or pass overwrite=True to replace it (nothing was changed)"
+    if not overwrite and source is not None and os.path.isdir(source) and Path(os.path.realpath(source)) == real:
+        raise ValueError(f"{what}: {str(folder)!r} is the folder the model was loaded from and compressed; saving "
+                         f"there would replace its original weights. {advice}")
+    foreign = [] if overwrite else foreign_model_files(real)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ValueError(f"{what}: {str(folder)!r} holds a model this package did not write ({shown}). {advice}")
+
+
 def _fsync(path: Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:
@@ -193,12 +227,20 @@ def commit(staging: Path, target: Path) -> None:
 
 
 @contextmanager
-def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(folder: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None,
+                  what: str = "save_directory") -> Iterator[Path]:
     """A private staging folder inside ``folder`` to write a whole checkpoint into; on normal exit its files replace
     their namesakes in ``folder`` (:func:`commit`), on an exception ``folder`` stays as it was. Yields the staging
-    folder's path."""
+    folder's path. ``overwrite``, ``source``, ``what``: :func:`check_overwrite`, under the lock."""
+    created = not os.path.exists(os.path.realpath(folder))
     target = resolve_folder(folder)
     with folder_lock(target):
+        try:
+            check_overwrite(target, overwrite, source, what)
+        except ValueError:
+            if created:
+                target.rmdir()
+            raise
         remove_leftovers(target, Path(folder))
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
         try:

@@ -34,6 +34,8 @@ block's damage is its share of ``L_b``.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -204,4 +206,9 @@ def _stream_damage(model, windows, dense_final, streams, returns_tuple, device) 
             for b in range(len(streams)):
                 logits = logits_from_last_hidden(model, blocks, ids, streams[b][w].to(device), returns_tuple)
                 damage[b] += _kl_per_token(ref, logits) / len(windows)
+    broken = [b for b, d in enumerate(damage) if not math.isfinite(d)]
+    if broken:  # NaN damage would cluster into one level: a uniform allocation under the name "hessian"
+        raise FloatingPointError(f"schedule: the KL damage of block(s) {broken} on the probe windows is not finite: "
+                                 "the model's logits overflow or its head/final norm hold NaN/Inf (try "
+                                 "dtype=torch.float32, or schedule='uniform')")
     return damage

@@ -114,3 +114,50 @@ def test_evaluate_metric_keeps_the_sparsegpt_protocol(tokenizer, save_tiny):
     path = save_tiny("llama")
     by_path = metric.compute(predictions=texts, model=str(path), protocol="sparsegpt", seq_len=32)
     assert by_path["perplexity"] == pytest.approx(got["perplexity"], rel=1e-5)
+
+
+def test_the_metric_says_how_many_tokens_a_long_text_loses(tokenizer):
+    """The per-text protocol scores the first ``max_length`` tokens of each text (as the Hub metric); a warning
+    says which texts were cut and how many tokens were dropped."""
+    import evaluate
+
+    import optimum_sparsesched
+
+    model = tiny_model("llama")
+    long_text = "many words in a long text " * 40
+    n = len(tokenizer(long_text, add_special_tokens=False).input_ids) + 1  # with the start token
+    metric = evaluate.load(optimum_sparsesched.PERPLEXITY_METRIC)
+    with pytest.warns(UserWarning, match=rf"max_length: 1 of 2 texts are longer than max_length=16 tokens; only "
+                                         rf"their first 16 tokens are scored and {n - 16} tokens are dropped "
+                                         rf"\(predictions\[1\] {n - 16}\)"):
+        metric.compute(predictions=["short", long_text], model=model, tokenizer=tokenizer, max_length=16)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing cut, nothing said
+        metric.compute(predictions=["short", "also short"], model=model, tokenizer=tokenizer, max_length=16)
+
+
+def test_a_stride_longer_than_the_window_is_refused(tokenizer, save_tiny, capsys):
+    """``stride > seq_len`` was clamped to non-overlapping windows without a word: refused, naming ``stride`` and
+    the allowed range, in the Python API, the metric and the CLI."""
+    import evaluate
+
+    import optimum_sparsesched
+    from optimum_sparsesched.cli import main
+
+    model = tiny_model("llama")
+    texts = ["first line of text", "second line, a bit longer than the first"] * 30
+    with pytest.raises(ValueError, match=r"stride: 64 is larger than seq_len=32; allowed: 1\.\.32"):
+        perplexity(model, tokenizer, texts, seq_len=32, stride=64)
+    with pytest.raises(ValueError, match=r"stride: 64 is larger than seq_len=32"):
+        eval_spans(1000, 32, stride=64)
+    metric = evaluate.load(optimum_sparsesched.PERPLEXITY_METRIC)
+    with pytest.raises(ValueError, match="stride: 64"):
+        metric.compute(predictions=texts, model=model, tokenizer=tokenizer, protocol="sparsegpt", seq_len=32, stride=64)
+    assert perplexity(model, tokenizer, texts, seq_len=32, stride=32) == perplexity(model, tokenizer, texts, seq_len=32)
+    path = save_tiny("llama")
+    capsys.readouterr()
+    assert main(["eval", str(path), "--seq-len", "32", "--stride", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: stride: 64 is larger than seq_len=32; allowed: 1..32"), err

@@ -118,3 +118,28 @@ def test_cli_eval_tasks(save_tiny, task_dir, capsys):
     assert got["tasks"]["tiny_mc"]["acc_norm"] == pytest.approx(acc_norm)
     assert main(["eval", str(path), "--tasks", "tiny_mc", "--task-path", str(task_dir / "nope")]) == 2
     assert "--task-path" in capsys.readouterr().err
+
+
+def test_tasks_whose_data_is_out_of_reach_are_one_line_and_exit_2(tokenizer, save_tiny, tmp_path, capsys):
+    """lm-eval downloads each task's dataset from the Hub; offline (the tests run with HF_DATASETS_OFFLINE=1) that
+    is one ConnectionError naming the tasks, and `eval --tasks` prints it as one line, exit 2."""
+    yaml = tmp_path / "tasks" / "hub_mc.yaml"
+    yaml.parent.mkdir()
+    yaml.write_text("""task: hub_mc
+dataset_path: optimum-sparsesched-tests/not-in-any-cache
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+""")
+    with pytest.raises(ConnectionError, match="tasks: the data of hub_mc could not be loaded: the Hugging Face Hub"):
+        osp.zero_shot(tiny_model("llama"), tokenizer, ["hub_mc"], task_paths=[yaml.parent], limit=2)
+    path = save_tiny("llama")
+    capsys.readouterr()
+    assert main(["eval", str(path), "--seq-len", "32", "--max-windows", "1", "--tasks", "hub_mc", "--task-path",
+                 str(yaml.parent), "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: tasks: the data of hub_mc") and "Traceback" not in "\n".join(err), err

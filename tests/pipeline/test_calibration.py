@@ -80,3 +80,33 @@ def test_a_tokenizer_argument_that_is_not_a_tokenizer_is_named(no_model_work):
 
     with pytest.raises(ValueError, match="tokenizer: a int"):
         compress(tiny_model("llama"), SparseScheduleConfig(**SMALL), tokenizer=123)
+
+
+def test_a_model_folder_without_a_tokenizer_says_so_and_how_to_pass_one(save_tiny, tokenizer, tmp_path, capsys):
+    from conftest import UNIFORM
+    from transformers import AutoModelForCausalLM
+
+    from optimum_sparsesched import SparseScheduleConfig, compress_checkpoint
+    from optimum_sparsesched.cli import main
+
+    source = save_tiny("llama")
+    for p in source.iterdir():
+        if p.name.startswith(("tokenizer", "special_tokens")) or p.suffix in (".model", ".txt"):
+            p.unlink()
+    cfg = SparseScheduleConfig(sparsity=0.5, **UNIFORM)
+    for run in (lambda: AutoModelForCausalLM.from_pretrained(source, quantization_config=cfg),
+                lambda: compress_checkpoint(source, tmp_path / "out", cfg)):
+        with pytest.raises(ValueError, match=r"tokenizer: the model folder 'llama-0' holds no tokenizer .*tokenizer="):
+            run()
+    options = ["--schedule", "uniform", "--dataset", str(CALIBRATION_TEXT), "--num-samples", "2", "--seq-len", "32"]
+    capsys.readouterr()
+    assert main(["compress", str(source), str(tmp_path / "out"), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tokenizer: the model folder 'llama-0' holds no tokenizer") and "--tokenizer" in err
+    assert main(["eval", str(source), "--seq-len", "32"]) == 2 and "--tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tokenizer_dir)
+    assert main(["compress", str(source), str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir), *options]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert main(["eval", str(source), "--seq-len", "32", "--max-windows", "1", "--tokenizer", str(tokenizer_dir)]) == 0

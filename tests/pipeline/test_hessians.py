@@ -1,4 +1,4 @@
-"""Hessian capture: H = 2XXᵀ/n in float32, shared between modules that read the same input."""
+"""Hessian capture: H = 2XXᵀ/n (float32 products summed in float64), shared between modules that read the same input."""
 
 import pytest
 import torch
@@ -12,6 +12,28 @@ def test_non_finite_activations_raise():
     acc = HessianAccumulator(8, torch.device("cpu"))
     with pytest.raises(FloatingPointError):
         acc.add_batch(torch.tensor([[float("nan")] * 8]))
+
+
+def test_the_hessian_does_not_depend_on_how_the_windows_are_split():
+    """Two ranks' sums (windows 0, 2, 4, ... and 1, 3, 5, ...) add up to one process's Hessian bit for bit, also
+    with windows of very different scales: the float32 products are summed in float64."""
+    generator = torch.Generator().manual_seed(0)
+    windows = [torch.randn(64, 48, generator=generator) * 10.0 ** (j % 5 - 2) for j in range(12)]
+    whole = HessianAccumulator(48, torch.device("cpu"))
+    ranks = [HessianAccumulator(48, torch.device("cpu")) for _ in range(2)]
+    for j, w in enumerate(windows):
+        whole.add_batch(w)
+        ranks[j % 2].add_batch(w)
+
+    class TwoRanks:  # the all-reduce of torch.distributed over these two accumulators
+        def all_reduce_(self, tensor):
+            return tensor + (ranks[1].S if tensor.numel() > 1 else torch.tensor([float(ranks[1].n)],
+                                                                                 dtype=torch.float64))
+
+    expected = whole.H
+    assert torch.equal(ranks[0].reduced(TwoRanks()), expected)
+    reference = 2 * sum(w.double().t() @ w.double() for w in windows) / sum(w.shape[0] for w in windows)
+    assert (expected.double() - reference).abs().max() <= 1e-6 * reference.abs().max()
 
 
 def test_modules_reading_the_same_input_share_one_hessian():

@@ -425,3 +425,49 @@ def test_compress_checkpoint_streams_a_hub_model(hub, save_tiny, tmp_path, monke
     with pytest.raises(ValueError, match="src: 'org/missing' is neither a local folder nor a hub model id"):
         osp.compress_checkpoint("org/missing", tmp_path / "never", options)
     assert not (tmp_path / "never").exists()
+
+
+def test_push_uploads_only_the_checkpoints_own_files(hub, compressed, tmp_path, capsys):
+    """A ``.env``, notes and subfolders beside the checkpoint stay local unless ``include`` (``--include``) widens
+    the upload."""
+    _, saved = compressed
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved, folder)
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "notes.txt").write_text("private notes")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "model.safetensors").write_bytes(b"an old experiment")
+    own = {p.name for p in saved.iterdir() if p.is_file()}
+    osp.push_to_hub(folder, "org/own-files")
+    assert set(hub.files("org/own-files")) - {".gitattributes"} == own
+    osp.push_to_hub(folder, "org/with-notes", include=["notes.txt"])
+    assert set(hub.files("org/with-notes")) - {".gitattributes"} == own | {"notes.txt"}
+    assert main(["push", str(folder), "org/cli-sub", "--include", "sub/*"]) == 0
+    assert set(hub.files("org/cli-sub")) - {".gitattributes"} == own | {"sub/model.safetensors"}
+    with pytest.raises(ValueError, match="include"):
+        osp.push_to_hub(folder, "org/x", include=[3])
+
+
+@pytest.mark.parametrize("how", ["offline mode", "no server"])
+def test_push_without_the_hub_is_one_line_and_exit_2(how, compressed, tmp_path, monkeypatch, capsys):
+    import socket
+
+    import huggingface_hub.constants as hc
+
+    _, folder = compressed
+    extra = []
+    if how == "no server":  # online, but nothing listens at the endpoint
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        extra = ["--endpoint", f"http://127.0.0.1:{port}"]
+    else:
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match="push: the Hugging Face Hub at .* cannot be reached"):
+        osp.push_to_hub(folder, "org/x", endpoint=extra[1] if extra else None)
+    assert main(["push", str(folder), "org/x", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: push: the Hugging Face Hub at ") and "Traceback" not in err
+    assert ("offline" in err.lower()) if how == "offline mode" else (f"127.0.0.1:{port}" in err), err

@@ -236,9 +236,9 @@ def test_foreign_weights_that_would_shadow_the_new_ones_are_refused(models, tmp_
     tiny_model("llama", seed=5).save_pretrained(out)  # a plain transformers save: not ours
     before = snapshot(out)
     with pytest.raises(ValueError, match="model.safetensors, which optimum-sparsesched did not write"):
-        new.save_pretrained(out, max_shard_size="20KB")
+        new.save_pretrained(out, max_shard_size="20KB", overwrite=True)  # replacing it is allowed, shadowing it not
     assert snapshot(out) == before
-    new.save_pretrained(out)  # same layout: model.safetensors is one of the files this save writes
+    new.save_pretrained(out, overwrite=True)  # same layout: model.safetensors is one of the files this save writes
     assert same_weights(AutoModelForCausalLM.from_pretrained(out), new.state_dict())
 
 
