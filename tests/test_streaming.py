@@ -136,7 +136,7 @@ def test_resume_after_a_failure_and_out_untouched_until_complete(reconstruct_epo
                    **UNIFORM)
     real_sink = kill_at_block_1(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        osp.compress_checkpoint(src, out, options)
+        osp.compress_checkpoint(src, out, options, overwrite=True)  # the older checkpoint is not ours
     assert digest(out) == {"model.safetensors": hashlib.sha256(b"an older checkpoint").hexdigest(),
                            "notes.txt": hashlib.sha256(b"mine").hexdigest()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the staging folder is gone
@@ -144,7 +144,7 @@ def test_resume_after_a_failure_and_out_untouched_until_complete(reconstruct_epo
     assert manifest["finished_blocks"] == 2
 
     monkeypatch.setattr(streaming.CheckpointWriter, "add_block", real_sink)
-    osp.compress_checkpoint(src, out, options)  # resumes at block 2
+    osp.compress_checkpoint(src, out, options, overwrite=True)  # resumes at block 2
     osp.compress_checkpoint(src, tmp_path / "uninterrupted", dict(sparsity=0.5, reconstruct_epochs=reconstruct_epochs,
                                                                   **UNIFORM))
     assert_same_checkpoint(out, tmp_path / "uninterrupted", output_neutral=("checkpoint_dir",))
