@@ -14,6 +14,17 @@ import torch
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CALIBRATION_FILE = SHARED / "wikitext2-valid.tokens"
 EVAL_FILE = SHARED / "wikitext2-test.raw"
+DATA = Path(__file__).parent / "data"
+#: the benchmark texts, name -> file: WikiText-2 test (the calibration's domain) and held-out texts of other domains,
+#: never used for calibration or to choose a default (sources and licences: ``benchmarks/data/README.md``):
+#: Shakespeare's plays, a novel (Morris, 1890), a technical manual (US Army, 1911), Python source (CPython's stdlib)
+EVAL_TEXTS = {
+    "wikitext2": EVAL_FILE,
+    "shakespeare": DATA / "shakespeare.txt",
+    "novel": DATA / "morris_news_from_nowhere.txt",
+    "manual": DATA / "infantry_drill_regulations.txt",
+    "code": DATA / "python_stdlib.txt",
+}
 
 
 def wikitext_calibration_text(path: Path = CALIBRATION_FILE) -> list[str]:
@@ -22,6 +33,15 @@ def wikitext_calibration_text(path: Path = CALIBRATION_FILE) -> list[str]:
     for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
         text = text.replace(a, b)
     return [text]
+
+
+def load_eval_text(name: str, calibration: bool = False) -> Any:
+    """What ``perplexity`` (or, with ``calibration``, a config's ``dataset``) takes for text ``name`` of
+    :data:`EVAL_TEXTS`: WikiText-2's test file (its validation split, cleaned, for calibration), else the held-out
+    file's text as one document."""
+    if name == "wikitext2":
+        return wikitext_calibration_text() if calibration else EVAL_FILE
+    return [EVAL_TEXTS[name].read_text(encoding="utf-8")]
 
 
 def write_result(out: str | Path, result: dict[str, Any]) -> None:

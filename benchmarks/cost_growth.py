@@ -6,6 +6,11 @@ the exponents ``k``.
 
     OMP_NUM_THREADS=1 python benchmarks/cost_growth.py [--widths 256 384 512 768 1024 1536] [--depth 4]
         [--depths 2 4 8 16 32] [--width 512] [--num-samples 8 --seq-len 256] [--out benchmarks/results/cost_growth.json]
+        [--schedule hessian --error-metric fisher --series depth]
+
+With ``--schedule hessian`` each row also records the CPU seconds of the schedule's measurement alone
+(``schedule_cpu_s``: ``sequential.measure_schedule``, timed inside the process, 0.7 target) and its growth
+exponent is fitted too: linear in depth means ``k ≈ 1`` on the depth series.
 
 Calibration: the package's calibration text through a byte-level tokenizer (one token per UTF-8 byte; the models'
 vocabulary is 512), ``num_samples`` windows of ``seq_len``. Model: hidden ``h``, MLP ``3h``, ``h/64`` heads
@@ -60,7 +65,8 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(hidden: int, layers: int, num_samples: int, seq_len: int) -> dict:
+def one(hidden: int, layers: int, num_samples: int, seq_len: int, schedule: str = "uniform",
+        error_metric: str = "fisher") -> dict:
     """Build and compress one model in this process; returns its row."""
     from transformers import LlamaForCausalLM
 
@@ -72,8 +78,22 @@ def one(hidden: int, layers: int, num_samples: int, seq_len: int) -> dict:
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(hidden, layers)).eval()
-    cfg = osp.SparseScheduleConfig(sparsity=0.5, schedule="uniform", dataset=[DATA.read_text(encoding="utf-8")],
-                                   num_samples=num_samples, seq_len=seq_len)
+    cfg = osp.SparseScheduleConfig(sparsity=0.5 if schedule == "uniform" else 0.7, schedule=schedule,
+                                   dataset=[DATA.read_text(encoding="utf-8")], num_samples=num_samples,
+                                   seq_len=seq_len, error_metric=error_metric)
+    from optimum_sparsesched import sequential
+
+    measured = {"cpu_s": 0.0}
+    measure_schedule = sequential.measure_schedule
+
+    def timed(*args, **kwargs):
+        c0 = time.process_time()
+        try:
+            return measure_schedule(*args, **kwargs)
+        finally:
+            measured["cpu_s"] += time.process_time() - c0
+
+    sequential.measure_schedule = timed
     plan = plan_compression(model, cfg.plan_spec())
     working = estimate_working_set(model, plan.blocks, plan.modules, cfg.residency_spec()).total
     window_bytes = seq_len * hidden * 4
@@ -89,16 +109,17 @@ def one(hidden: int, layers: int, num_samples: int, seq_len: int) -> dict:
            "compressed_params": sum(plan.sizes.values()), "seconds": seconds, "device": str(device),
            "threads": torch.get_num_threads(), "estimated_working_set": working,
            "estimated_activations": window_bytes * (num_samples + 1),
-           "host_peak_delta": max(peak_after, peak_before) - rss_before}
+           "host_peak_delta": max(peak_after, peak_before) - rss_before, "schedule": schedule,
+           "error_metric": error_metric, "schedule_cpu_s": measured["cpu_s"]}
     if device.type == "cuda":
         row["device_peak"] = torch.cuda.max_memory_allocated()
     return row
 
 
-def fit_exponent(rows: list[dict]) -> tuple[float, float]:
-    """Least squares ``log(seconds) = a + k·log(params)`` -> ``(k, a)``."""
+def fit_exponent(rows: list[dict], key: str = "seconds") -> tuple[float, float]:
+    """Least squares ``log(rows[key]) = a + k·log(params)`` -> ``(k, a)``."""
     xs = [math.log(r["params"]) for r in rows]
-    ys = [math.log(r["seconds"]) for r in rows]
+    ys = [math.log(r[key]) for r in rows]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return k, my - k * mx
@@ -108,7 +129,8 @@ def run_series(name: str, shapes: list[tuple[int, int]], a: argparse.Namespace) 
     rows = []
     for hidden, layers in shapes:
         out = subprocess.run([sys.executable, __file__, "--one", str(hidden), str(layers),
-                              "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)],
+                              "--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len),
+                              "--schedule", a.schedule, "--error-metric", a.error_metric],
                              capture_output=True, text=True, check=False)
         if out.returncode:
             raise SystemExit(f"{name} h={hidden} L={layers} failed:\n{out.stderr[-3000:]}")
@@ -118,7 +140,8 @@ def run_series(name: str, shapes: list[tuple[int, int]], a: argparse.Namespace) 
         mib = 2**20
         print(f"{name:5s} h={hidden:5d} L={layers:3d} params={row['params'] / 1e6:8.2f}M "
               f"time={row['seconds']:8.2f}s host_peak_delta={row['host_peak_delta'] / mib:8.1f}MiB "
-              f"estimate={(row['estimated_working_set'] + row['estimated_activations']) / mib:8.1f}MiB", flush=True)
+              f"estimate={(row['estimated_working_set'] + row['estimated_activations']) / mib:8.1f}MiB "
+              f"schedule_cpu={row['schedule_cpu_s']:.2f}s", flush=True)
     return rows
 
 
@@ -131,20 +154,28 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", default="benchmarks/results/cost_growth.json")
+    ap.add_argument("--schedule", default="uniform", choices=["uniform", "hessian"])
+    ap.add_argument("--error-metric", default="fisher", choices=["fisher", "kl-alone"])
+    ap.add_argument("--series", nargs="+", default=["width", "depth"], choices=["width", "depth"])
     ap.add_argument("--one", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], a.one[1], a.num_samples, a.seq_len)))
+        print(json.dumps(one(a.one[0], a.one[1], a.num_samples, a.seq_len, a.schedule, a.error_metric)))
         return
-    width = run_series("width", [(h, a.depth) for h in a.widths], a)
-    depth = run_series("depth", [(a.width, L) for L in a.depths], a)
+    shapes = {"width": [(h, a.depth) for h in a.widths], "depth": [(a.width, L) for L in a.depths]}
+    runs = {name: run_series(name, shapes[name], a) for name in a.series}
     fits = {}
-    for name, rows in (("width", width), ("depth", depth)):
+    for name, rows in runs.items():
         k, intercept = fit_exponent(rows)
         fits[name] = {"k": k, "a": intercept}
         print(f"{name} growth: log(time) = {intercept:.2f} + {k:.3f}·log(params)")
-    write_result(a.out, {"rows": width + depth, "fits": fits, "num_samples": a.num_samples, "seq_len": a.seq_len,
-                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+        if a.schedule != "uniform":
+            k, intercept = fit_exponent(rows, "schedule_cpu_s")
+            fits[name + "-schedule"] = {"k": k, "a": intercept}
+            print(f"{name} growth of the schedule measurement: log(CPU s) = {intercept:.2f} + {k:.3f}·log(params)")
+    write_result(a.out, {"rows": [r for rows in runs.values() for r in rows], "fits": fits,
+                         "num_samples": a.num_samples, "seq_len": a.seq_len, "schedule": a.schedule,
+                         "error_metric": a.error_metric, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
 
 
 if __name__ == "__main__":

@@ -79,8 +79,10 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         sparsity_range: ``(lo, hi)`` with ``0 <= lo <= sparsity <= hi < 1``, or ``"auto"`` (``"hessian"``: the span of
             the damage-minimising allocation of the measured curves; ``"ramp"``: ``sparsity ± 0.1``).
         num_levels: log-error levels of the ``"hessian"`` schedule (1 = uniform).
-        error_metric: ``"kl-alone"`` (end-to-end KL damage of each block pruned alone, default) or ``"obs"`` (the
-            paper's local OBS loss, read literally: a baseline).
+        error_metric: ``"fisher"`` (default: the end-to-end damage of each block pruned alone, estimated to second
+            order from one backward pass, linear in depth: :mod:`.schedule.fisher`), ``"kl-alone"`` (the same damage
+            measured by running each pruned block's stream to the logits: ``L²/2`` block forwards per probe window)
+            or ``"obs"`` (the paper's local OBS loss, read literally: a baseline).
         probe_samples: calibration windows the schedule's statistics are measured on.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             (weights included) resumes from the last finished block. Never written into config.json.
@@ -107,7 +109,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                  bits: int | None = None, group_size: int = 128, sym: bool = False, dataset: Any = "wikitext2",
                  tokenizer: Any = None, num_samples: int = 128, seq_len: int = 2048, seed: int = 0,
                  damp: float = 0.01, block_size: int = 128, modules_to_not_convert: Sequence[str] | None = ("lm_head",),
-                 sparsity_range: Any = "auto", num_levels: int = 5, error_metric: str = "kl-alone",
+                 sparsity_range: Any = "auto", num_levels: int = 5, error_metric: str = "fisher",
                  probe_samples: int = 4, checkpoint_dir: str | None = None, max_device_memory: int | str | None = None,
                  export_format: str = "compact", owl_m: float = 5.0, owl_lambda: float = 0.08,
                  preset: str = "default", solver: str | None = None, search_steps: int | None = None,

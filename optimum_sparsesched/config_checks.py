@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .formats.spec import EXPORT_FORMATS
 
 SCHEDULES = ("hessian", "uniform", "owl", "ramp")
-ERROR_METRICS = ("kl-alone", "obs")
+ERROR_METRICS = ("fisher", "kl-alone", "obs")
 SOLVERS = ("sparsegpt", "refit", "admm")
 #: what a preset sets when ``solver`` / ``search_steps`` / ``reconstruct_epochs`` are not given (the search needs the
 #: ``hessian`` schedule; with another schedule a preset's search is off). Measured trade-offs: README, "Presets".

@@ -39,6 +39,7 @@ from .pipeline.residency import WorkingSet, compute_device, decide_for_inputs, p
 from .pipeline.resume import Resume
 from .pipeline.sources import BlockSink, BlockSource, BlockVisit
 from .schedule.allocate import Allocation, allocate_sparsities
+from .schedule.fisher import measure_fisher_statistics
 from .schedule.search import search_allocation
 from .schedule.statistics import measure_layer_statistics
 
@@ -132,8 +133,8 @@ def measure_schedule(model: nn.Module, source: BlockSource, windows: torch.Tenso
             probe = windows[: spec.probe_samples]
             probe_inputs = source.inputs if ctx.world == 1 else capture_block_inputs(
                 model, probe, device, storage, visit_first=lambda: source.visit(0, device))
-            stats = measure_layer_statistics(model, plan, probe_inputs, probe, spec, device, source,
-                                             keep_dense=spec.search_steps > 0)
+            measure = measure_fisher_statistics if spec.estimates_damage else measure_layer_statistics
+            stats = measure(model, plan, probe_inputs, probe, spec, device, source, keep_dense=spec.search_steps > 0)
         allocation = allocate_sparsities(plan, spec, stats)
         if spec.search_steps > 0 and stats is not None:
             allocation = search_allocation(model, plan, probe_inputs, probe, stats, allocation, spec, device, source)

@@ -25,6 +25,7 @@ Deterministic for a seed. The KL of the schedule's allocation and of the result 
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -38,7 +39,7 @@ from ..obs.spec import PruneSpec
 from ..pipeline.blocks import BlockInputs, find_decoder_blocks, head_and_embeddings_on
 from ..pipeline.hessians import collect_block_hessians
 from ..pipeline.plan import CompressionPlan
-from ..pipeline.sources import BlockSource
+from ..pipeline.sources import BlockSource, BlockVisit
 from .allocate import Allocation, damage_curves
 from .spec import ScheduleSpec
 from .statistics import LayerStatistics, logits_from_last_hidden
@@ -47,6 +48,7 @@ SEARCH_STEP = 0.025  # δ: the sparsity moved between two blocks by one move
 OFFSPRING = 4  # candidates per step
 FITNESS_POSITIONS = 128  # positions per probe window at which the KL is measured
 MAX_SPARSITY = 0.99
+INVERSE_CACHE_BYTES = 2**30  # inverse Hessians kept between prunings of a block at different levels
 
 
 @dataclass
@@ -81,6 +83,8 @@ class AllocationSearch:
         self.dense_inputs = dense_inputs
         self.curves, self.grid = curves, grid
         self.bank: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
+        self._inverses: OrderedDict[int, dict[str, InverseHessian]] = OrderedDict()
+        self._sizes: dict[int, int] = {}
         self.evaluations = 0
         seq_len = windows.shape[1]
         count = min(FITNESS_POSITIONS, seq_len - 1)
@@ -97,16 +101,30 @@ class AllocationSearch:
             logits = logits_from_last_hidden(self.model, self.blocks, ids, hidden, self.inputs.returns_tuple)
         return torch.log_softmax(logits[0].float(), dim=-1)
 
+    def inverses(self, visit: BlockVisit) -> dict[str, InverseHessian]:
+        """The inverse Hessians of the visited block's modules on its dense inputs, by module name (one object per
+        group reading the same input). They do not depend on the level, so they are kept, least recently used out
+        first beyond :data:`INVERSE_CACHE_BYTES`: a block pruned at a new level costs its OBS scans only, not its
+        probe forwards and factorisations again."""
+        if visit.index in self._inverses:
+            self._inverses.move_to_end(visit.index)
+            return self._inverses[visit.index]
+        accumulators = collect_block_hessians(visit, list(self.dense_inputs[visit.index]))
+        shared = {id(a): InverseHessian(a.H, self.spec.damp) for a in dict.fromkeys(accumulators.values())}
+        self._inverses[visit.index] = {n: shared[id(a)] for n, a in accumulators.items()}
+        self._sizes[visit.index] = sum(2 * 4 * inverse.H.numel() for inverse in shared.values())  # H and factor
+        while len(self._inverses) > 1 and sum(self._sizes.values()) > INVERSE_CACHE_BYTES:
+            self._sizes.pop(self._inverses.popitem(last=False)[0])
+        return self._inverses[visit.index]
+
     def pruned_weights(self, block: int, level: float) -> dict[str, torch.Tensor]:
         """Block ``block``'s compressed modules pruned at ``level`` on its dense inputs' Hessians (cached)."""
         key = (block, round(level, 6))
         if key not in self.bank:
             with self.source.visit(block, self.device, inputs=self.inputs) as visit:
-                accumulators = collect_block_hessians(visit, list(self.dense_inputs[block]))
-                inverses = {id(a): InverseHessian(a.H, self.spec.damp) for a in accumulators.values()}
+                inverses = self.inverses(visit)
                 spec = PruneSpec(level, block_size=self.spec.block_size, damp=self.spec.damp)
-                self.bank[key] = {n: prune(visit.weight(n), inverses[id(accumulators[n])], spec).weight.cpu()
-                                  for n in visit.modules}
+                self.bank[key] = {n: prune(visit.weight(n), inverses[n], spec).weight.cpu() for n in visit.modules}
         return self.bank[key]
 
     def stream(self, levels: Sequence[float], start: int, hidden: Sequence[torch.Tensor],

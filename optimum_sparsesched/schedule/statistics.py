@@ -14,19 +14,19 @@ is pruned in the same column order, the single ``U`` serves all rows and all ste
 from the Hessian of the layer's (already upstream-compressed) inputs. The same factor gives every ``ε_rq`` above,
 so the estimate costs one sort per layer on top of what pruning computes anyway.
 
-**Why the local loss is not enough, and what we measure instead** (``error_metric="kl-alone"``, the default).
-``L_l(s)`` is in units of the layer's output energy, which grows with depth (residual stream scale), and it ignores
-how much of a layer's error survives to the model's output: an error made in block 0 passes through every later
-block. Read literally, the rule prunes the early blocks hardest. So the damage of block ``b`` is measured end to
-end: on ``probe_samples`` calibration windows, block ``b`` alone is pruned at the target sparsity with SparseGPT
-(its Hessian from the dense inputs), the perturbed stream runs through the dense blocks after it, and the damage is
-``D_b = mean_tokens KL(p_dense ‖ p_pruned)`` of the next-token distributions. All streams advance together block by
-block (each block visits the device once, and is read once when the weights are offloaded or streamed; the
-streams then wait in files, :mod:`..pipeline.spill`, so host memory stays flat in depth). The pruned block is the
-block itself with the pruned weights swapped in for its one perturbed forward (no copy of the block or of
-accelerate's hooks). The local curve supplies the shape in ``s``:
-``D_b(s) ≈ P_b · L_b(s)`` with the propagation factor ``P_b = D_b / L_b(s_target)``; a module's share of its
-block's damage is its share of ``L_b``.
+**Why the local loss is not enough, and what we measure instead** (``error_metric="kl-alone"``; the default
+``"fisher"`` estimates the same damage in ``O(L)``, :mod:`.fisher`). ``L_l(s)`` is in units of the layer's output
+energy, which grows with depth (residual stream scale), and it ignores how much of a layer's error survives to the
+model's output: an error made in block 0 passes through every later block. Read literally, the rule prunes the early
+blocks hardest. So the damage of block ``b`` is measured end to end: on ``probe_samples`` calibration windows, block
+``b`` alone is pruned at the target sparsity with SparseGPT (its Hessian from the dense inputs), the perturbed
+stream runs through the dense blocks after it, and the damage is ``D_b = mean_tokens KL(p_dense ‖ p_pruned)`` of the
+next-token distributions. All streams advance together block by block (each block visits the device once, and is
+read once when the weights are offloaded or streamed; the streams then wait in files, :mod:`..pipeline.spill`, so
+host memory stays flat in depth). The pruned block is the block itself with the pruned weights swapped in for its
+one perturbed forward (no copy of the block or of accelerate's hooks). The local curve supplies the shape in ``s``:
+``D_b(s) ≈ P_b · L_b(s)`` with the propagation factor ``P_b = D_b / L_b(s_target)``; a module's share of its block's
+damage is its share of ``L_b``.
 
 **OWL statistics.** Wanda scores ``|W_ij| · ||X_j||`` (``||X_j||² ∝ H_jj``) and the fraction of them above
 ``M`` × their block mean.
@@ -47,10 +47,10 @@ from ..obs.inverse import InverseHessian
 from ..obs.prune import prune
 from ..obs.spec import PruneSpec
 from ..pipeline.blocks import BlockInputs, find_decoder_blocks, forwards_replaced, head_and_embeddings_on
-from ..pipeline.hessians import collect_block_hessians
+from ..pipeline.hessians import HessianAccumulator, collect_block_hessians
 from ..pipeline.host_memory import release_free_memory
 from ..pipeline.plan import CompressionPlan, weight_matrix
-from ..pipeline.sources import BlockSource
+from ..pipeline.sources import BlockSource, BlockVisit
 from ..pipeline.spill import TensorLists
 from .spec import ScheduleSpec
 
@@ -107,20 +107,30 @@ class LayerStatistics:
     curves: dict[str, torch.Tensor] = field(default_factory=dict)
     owl_ratio_block: list[float] = field(default_factory=list)
     block_damage: list[float] | None = None
+    #: when measured window by window (``error_metric="fisher"``): ``block_damage[b]`` on each probe window
+    #: (``[L][p]``), the spread the ``"auto"`` range is shrunk by (:func:`.allocate.reliability`)
+    window_damage: list[list[float]] | None = None
     #: when kept: the probe windows' dense inputs of every block, and the last block's outputs (``[L + 1][p]``)
     dense_inputs: list[list[torch.Tensor]] | None = None
 
 
-@torch.no_grad()
-def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, hidden: torch.Tensor,
-                            returns_tuple: bool) -> torch.Tensor:
+def head_logits(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, hidden: torch.Tensor,
+                returns_tuple: bool) -> torch.Tensor:
     """Run the model's own head (final norm, projections, lm_head, soft-capping ...) on ``hidden``, the output of
-    its last decoder block, by replacing every block of ``blocks`` with a pass-through that emits ``hidden``."""
+    its last decoder block, by replacing every block of ``blocks`` with a pass-through that emits ``hidden``
+    (differentiable in ``hidden`` under autograd)."""
     def emit(h, *args, **kwargs):
         return (hidden, None) if returns_tuple else hidden
 
     with forwards_replaced(blocks, lambda _index: emit):
         return model(input_ids=input_ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def logits_from_last_hidden(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, hidden: torch.Tensor,
+                            returns_tuple: bool) -> torch.Tensor:
+    """:func:`head_logits` without autograd."""
+    return head_logits(model, blocks, input_ids, hidden, returns_tuple)
 
 
 #: positions per chunk of the KL computation: its float32 temporaries are ``[KL_CHUNK, V]``, not ``[seq_len, V]``
@@ -133,6 +143,31 @@ def _kl_per_token(logp_ref: torch.Tensor, logits: torch.Tensor) -> float:
     per_position = [(ref.exp() * (ref - torch.log_softmax(chunk.float(), dim=-1))).sum(-1)
                     for ref, chunk in zip(logp_ref.split(KL_CHUNK, dim=1), logits.split(KL_CHUNK, dim=1))]
     return float(torch.cat(per_position, dim=1).mean())
+
+
+def block_statistics(visit: BlockVisit, accumulators: dict[str, HessianAccumulator], spec: ScheduleSpec,
+                     stats: LayerStatistics) -> dict[str, InverseHessian]:
+    """Add the visited block's local loss curves (``stats.curves``) and OWL ratio (``stats.owl_ratio_block``) from
+    its modules' Hessian accumulators (freed here); returns each module's inverse Hessian (shared by a group)."""
+    root_diag = {id(a): torch.sqrt(torch.diag(a.H)).unsqueeze(0) for a in accumulators.values()}
+    inverses = {id(a): InverseHessian(a.H, spec.damp) for a in dict.fromkeys(accumulators.values())}
+    for a in accumulators.values():
+        a.H = None  # the inverses hold their own copies
+    hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
+    for name, m in visit.modules.items():
+        stats.curves[name] = local_loss_curve(saliencies(weight_matrix(m), hessians[name]), stats.grid)
+    scores = WandaScores([(m, root_diag[id(accumulators[n])]) for n, m in visit.modules.items()])
+    stats.owl_ratio_block.append(outlier_ratio(scores, spec.owl_m))
+    return hessians
+
+
+def pruned_alone(visit: BlockVisit, hessians: dict[str, InverseHessian],
+                 spec: ScheduleSpec) -> dict[str, torch.Tensor]:
+    """The visited block's modules pruned alone at the target by SparseGPT (unstructured, unquantized) on their
+    dense inputs' Hessians: weight matrices ``[out, in]`` in the model dtype (the copy the budget counts)."""
+    alone = PruneSpec(spec.sparsity, block_size=spec.block_size, damp=spec.damp)
+    return {name: prune(visit.weight(name), hessians[name], alone).weight.to(m.weight.dtype)
+            for name, m in visit.modules.items()}
 
 
 @torch.no_grad()
@@ -163,24 +198,12 @@ def _measure(model: nn.Module, plan: CompressionPlan, inputs: BlockInputs, probe
     if keep_dense:
         stats.dense_inputs = [dense]
     # streams[b]: the probe windows with block b pruned, at the current depth
-    alone = PruneSpec(spec.sparsity, block_size=spec.block_size, damp=spec.damp)  # unstructured, unquantized
     for index in tqdm(range(len(plan.blocks)), desc="schedule: measure", unit="block"):
         with source.visit(index, device, inputs=inputs) as visit:
-            modules = visit.modules
             dense_out: list[torch.Tensor] = []
-            accumulators = collect_block_hessians(visit, dense, dense_out)
-            root_diag = {id(a): torch.sqrt(torch.diag(a.H)).unsqueeze(0) for a in accumulators.values()}
-            inverses = {id(a): InverseHessian(a.H, spec.damp) for a in dict.fromkeys(accumulators.values())}
-            for a in accumulators.values():
-                a.H = None  # the inverses hold their own copies
-            hessians = {n: inverses[id(a)] for n, a in accumulators.items()}
-            for name, m in modules.items():
-                stats.curves[name] = local_loss_curve(saliencies(weight_matrix(m), hessians[name]), grid)
-            scores = WandaScores([(m, root_diag[id(accumulators[n])]) for n, m in modules.items()])
-            stats.owl_ratio_block.append(outlier_ratio(scores, spec.owl_m))
+            hessians = block_statistics(visit, collect_block_hessians(visit, dense, dense_out), spec, stats)
             if spec.measures_damage:
-                pruned = {name: prune(visit.weight(name), hessians[name], alone).weight.to(m.weight.dtype)
-                          for name, m in modules.items()}  # in the model dtype: the copy the budget counts
+                pruned = pruned_alone(visit, hessians, spec)
                 for b in range(len(streams)):
                     streams[b] = [visit.forward(h).to(h.device) for h in streams[b]]
                 with visit.swapped(pruned):  # the block with its modules pruned alone, for the one new stream

@@ -130,7 +130,8 @@ def test_local_loss_curve_sums_smallest_saliencies():
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", [
-    dict(schedule="hessian"), dict(schedule="hessian", sparsity_range=(0.6, 0.8)),
+    dict(schedule="hessian"), dict(schedule="hessian", error_metric="kl-alone"),
+    dict(schedule="hessian", sparsity_range=(0.6, 0.8)),
     dict(schedule="hessian", error_metric="obs", sparsity_range=(0.6, 0.8)), dict(schedule="owl"),
     dict(schedule="ramp", sparsity_range=(0.6, 0.8)),
 ])
