@@ -5,6 +5,14 @@ before ``q`` are fixed (the successive Schur complements of ``H⁻¹``), so one 
 column scan and every row of ``W``. Dead inputs (``H_ii = 0``: the input is always zero) get ``H_ii = 1`` and their
 weights are zeroed by the scan. Damping ``λ = damp · mean(diag H)`` is escalated ×10 while the factorisation fails.
 All in float32.
+
+``U`` is computed from one Cholesky factorisation and one triangular inverse, without forming ``H⁻¹``: with ``P``
+the reversal of the columns, ``P H P = L Lᵀ`` (lower) gives ``H = Ū Ūᵀ`` with ``Ū = P L P`` upper, so
+``H⁻¹ = Ū⁻ᵀ Ū⁻¹ = Uᵀ U`` with ``U = Ū⁻¹`` upper with a positive diagonal — the (unique) upper Cholesky factor of
+``H⁻¹``. The reference computes the same factor as ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``: the
+same flops, without LAPACK's ``potri`` (behind ``cholesky_inverse``), which scales badly with threads on some CPUs
+(576×576 on 2 threads here: 0.031 s against 0.042 s), and the direct factor is closer to the float64 one
+(relative error 5e-8 against 8e-8 on SmolLM2's Hessians).
 """
 
 from __future__ import annotations
@@ -33,11 +41,10 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
     lam = damp * diag_mean if diag_mean > 0 else damp
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     for attempt in range(MAX_DAMP_ESCALATIONS + 1):
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        L, info = torch.linalg.cholesky_ex((H + lam * eye).flip(0, 1))  # P (H + λI) P = L Lᵀ
         if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and all_finite(U):
+            U = torch.linalg.solve_triangular(L.flip(0, 1), eye, upper=True)  # (P L P)⁻¹
+            if all_finite(U) and bool((torch.diag(U) > 0).all()):
                 return U, lam
         logger.warning("Cholesky failed with damping %.3g (attempt %d); escalating x10", lam, attempt + 1)
         lam *= 10.0

@@ -99,6 +99,18 @@ def test_dead_inputs_are_zeroed_and_finite():
     assert torch.isfinite(Q).all()
 
 
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """U (one Cholesky of the reversed H + λI and a triangular inverse) against the reference's
+    cholesky(cholesky_inverse(cholesky(H + λI)), upper=True) in float64: UᵀU = (H + λI)⁻¹, U upper, diagonal > 0."""
+    _, _, H = correlated_layer(cols=96)
+    U, lam = inverse_hessian_cholesky(H, 0.01)
+    H64 = H.double() + lam * torch.eye(96, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H64)), upper=True)
+    assert lam == pytest.approx(0.01 * torch.diag(H).mean().item())
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diag(U) > 0).all())
+    torch.testing.assert_close(U.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 def test_singular_hessian_escalates_damping(caplog):
     rank_deficient = torch.randn(64, 4)
     H = rank_deficient @ rank_deficient.t()  # rank 4, PSD, not PD
