@@ -14,6 +14,7 @@ the stages after it (README, "Architecture").
 
 from pathlib import Path
 
+from transformers.quantizers import auto as _auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -32,6 +33,11 @@ if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not SparseScheduleConfi
     register_quantization_config(QUANT_METHOD)(SparseScheduleConfig)
 if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not SparseScheduleQuantizer:
     register_quantizer(QUANT_METHOD)(SparseScheduleQuantizer)
+# ``from_pretrained(saved, quantization_config=SparseScheduleConfig(run_compressed=True))``: transformers merges the
+# loading attributes (``get_loading_attributes``) of the config types it lists here into a checkpoint's own config, as
+# for ``GPTQConfig`` or ``CompressedTensorsConfig``; another config passed for a quantized checkpoint is ignored
+if SparseScheduleConfig not in getattr(_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", ()):
+    _auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*getattr(_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", ()), SparseScheduleConfig)
 
 #: Folder of the `evaluate` perplexity metric: ``evaluate.load(optimum_sparsesched.PERPLEXITY_METRIC)``.
 PERPLEXITY_METRIC = str(Path(__file__).parent / "eval" / "metrics" / "sparse_perplexity")

@@ -39,6 +39,9 @@ RETIRED_OPTIONS = {"granularity": "removed in 0.2 (every module of a block gets 
                                       "ADMM solvers (benchmarks/RESULTS.md), and on in no preset"}
 #: options that name a place on this machine: never written into config.json, a model card or an upload
 LOCAL_OPTIONS = ("checkpoint_dir",)
+#: options of loading a saved checkpoint, not of compressing: merged into its config by transformers
+#: (``get_loading_attributes``), refused when compressing, never saved
+LOADING_OPTIONS = ("run_compressed",)
 #: key of ``config.json`` that keeps this package's config when ``quantization_config`` holds another format's
 #: (``export_format="compressed-tensors"``)
 SAVED_CONFIG_KEY = "sparse_schedule_config"
@@ -102,6 +105,9 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         reconstruct_epochs, reconstruct_lr: epochs of block reconstruction after each block (Adam on the kept
             weights, mask fixed, toward the dense block's outputs; kept only when it lowers the block's error;
             :mod:`.obs.reconstruct`), 0 = off, and its learning rate (cosine decay).
+        run_compressed: a loading option (``from_pretrained(OUT, quantization_config=SparseScheduleConfig(
+            run_compressed=True))``, merged into the checkpoint's config as transformers merges GPTQ's): every compact
+            Linear stays compact in memory, decoded inside its forward (:mod:`.formats.compressed_linear`).
         results: what a run achieved (:class:`.results.CompressionResults`, or its dict as saved); empty before.
     """
 
@@ -113,7 +119,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                  probe_samples: int = 4, checkpoint_dir: str | None = None, max_device_memory: int | str | None = None,
                  export_format: str = "compact", owl_m: float = 5.0, owl_lambda: float = 0.08,
                  preset: str = "default", solver: str | None = None, search_steps: int | None = None,
-                 reconstruct_epochs: int | None = None, reconstruct_lr: float = 1e-3,
+                 reconstruct_epochs: int | None = None, reconstruct_lr: float = 1e-3, run_compressed: bool = False,
                  results: CompressionResults | dict[str, Any] | None = None, **kwargs: Any) -> None:
         options = {k: v for k, v in locals().items() if k in self._fields()}
         self.quant_method = QUANT_METHOD
@@ -227,7 +233,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         :data:`LOCAL_OPTIONS` (``checkpoint_dir``) are left out."""
         out: dict[str, Any] = {}
         for key, value in list(self.__dict__.items()):
-            if key.startswith("_") or key == "results" or key in LOCAL_OPTIONS:
+            if key.startswith("_") or key == "results" or key in LOCAL_OPTIONS or key in LOADING_OPTIONS:
                 continue
             if key == "tokenizer" and value is not None:
                 value = describe_tokenizer(value)
@@ -235,6 +241,18 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                 value = self._dataset_description()
             out[key] = value
         return out
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """What ``from_pretrained(saved, quantization_config=SparseScheduleConfig(...))`` changes in the saved config
+        (transformers' ``merge_quantization_configs``): the :data:`LOADING_OPTIONS`."""
+        return {key: getattr(self, key) for key in LOADING_OPTIONS}
+
+    def check_compression_options(self) -> None:
+        """Before compressing: a loading option is refused (``ValueError`` naming it)."""
+        if self.run_compressed:
+            raise invalid("run_compressed", True, "False when compressing (a loading option of a saved checkpoint: "
+                          "save, then from_pretrained(folder, quantization_config=SparseScheduleConfig("
+                          "run_compressed=True)))")
 
     def _dataset_description(self) -> str:
         """The description of ``dataset``, computed once per dataset (a local file is hashed once)."""

@@ -15,6 +15,9 @@ Load phases (transformers ``HfQuantizer``; what the base class does is not repea
 - load operations (``get_load_operations``): a compact checkpoint (:mod:`.formats.compact`) stores each compressed
   weight as ``weight_mask`` + values or packed codes and grid; :class:`.formats.compact_load.CompactDeserialize`
   checks and rebuilds the dense weight bit for bit while the checkpoint loads, its grid into ``grids``.
+- ``run_compressed=True`` (a loading attribute, :mod:`.formats.run_compressed`): compactly stored Linears become
+  :class:`.formats.compressed_linear.CompressedLinear` before loading, the load operation checks their tensors and
+  keeps them as stored; ``model.dequantize()`` decodes them into dense Linears.
 - ``_process_model_after_weight_loading``: for a model that is not yet compressed, check the source
   (:func:`.pipeline.source_check.check_source`: every tensor read from the checkpoint, every weight finite), then
   calibrate and compress it (:func:`.sequential.compress_blocks`); for a loaded checkpoint, every compressed module
@@ -39,6 +42,7 @@ from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES
 from .formats.compact_load import CompactDeserialize, check_all_loaded
 from .formats.encode import encoded_state_dict
 from .formats.metadata import check_weights_metadata, weights_metadata
+from .formats.run_compressed import compressed_linears, dequantize_model, encode_dense_modules, replace_compact_modules
 from .formats.spec import ExportSpec
 from .pipeline.checkpoint_files import check_shapes, check_weight_files
 from .pipeline.offload import has_offloaded_weights
@@ -57,6 +61,10 @@ class SparseScheduleQuantizer(HfQuantizer):
     def export_spec(self) -> ExportSpec:
         """How the compressed weights are (to be) stored: the config's ``export_format`` and grid."""
         return self.quantization_config.export_spec()
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:  # compressing on load: a loading option is refused before any work
+            self.quantization_config.check_compression_options()
 
     def update_device_map(self, device_map: dict[str, Any] | None) -> dict[str, Any] | None:
         if device_map is None and not self.pre_quantized:
@@ -79,6 +87,9 @@ class SparseScheduleQuantizer(HfQuantizer):
                 loading.results.grids = config.results.grids  # model keeps this quantizer's config: share one dict
             ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             model._keys_to_ignore_on_load_unexpected = ignored | {re.escape(REQUIRES_PLUGIN_KEY)}
+            if config.run_compressed:
+                replace_compact_modules(model, checkpoint_files or (), config.export_spec(),
+                                        config.results.layer_sparsities)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -86,7 +97,11 @@ class SparseScheduleQuantizer(HfQuantizer):
             check_source(model)
             compress_blocks(model, self.quantization_config)
         else:
-            check_all_loaded(model, self.quantization_config.results.layer_sparsities)
+            config = self.quantization_config
+            check_all_loaded(model, config.results.layer_sparsities)
+            if config.run_compressed:
+                encode_dense_modules(model, config.export_spec(), config.results.layer_sparsities,
+                                     config.results.grids)
         install_save(model, source=None if self.pre_quantized else getattr(model, "name_or_path", None))
         return model
 
@@ -106,9 +121,13 @@ class SparseScheduleQuantizer(HfQuantizer):
                              "block (type(model).save_pretrained cannot encode weights that are not loaded)")
         spec = config.export_spec()
         metadata = weights_metadata(spec, config.results.layer_sparsities, config.options_dict())
-        if spec.format == "dense":
+        if spec.format == "dense" and not compressed_linears(model):
             return None, metadata
         return encoded_state_dict(model, spec, config.results.layer_sparsities, config.results.grids), metadata
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """``model.dequantize()``: every Linear kept compact becomes a dense one (decoded)."""
+        return dequantize_model(model)
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True
@@ -123,6 +142,7 @@ def compress(model: nn.Module, config: SparseScheduleConfig | dict[str, Any], to
     afterwards it saves, reloads and publishes like a model compressed on load. Returns ``model``."""
     if isinstance(config, dict):
         config = SparseScheduleConfig(**config)
+    config.check_compression_options()
     check_source(model)
     compress_blocks(model, config, tokenizer)
     if getattr(model, "hf_quantizer", None) is None:

@@ -131,6 +131,7 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
         config = SparseScheduleConfig(**config)
     if not isinstance(config, SparseScheduleConfig):
         raise ValueError(f"config: a {type(config).__name__} is not valid; allowed: a SparseScheduleConfig or a dict")
+    config.check_compression_options()
     shard_size_bytes(max_shard_size)
     if not isinstance(overwrite, bool):
         raise ValueError(f"overwrite: {overwrite!r} is not valid; allowed: True or False")

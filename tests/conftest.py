@@ -46,6 +46,30 @@ def make_tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:
     return fast
 
 
+def round_to_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool):
+    """``w`` ``[rows, cols]`` rounded onto GPTQ grids fitted per row and group (in place) -> ``(w, (scale, zero))``,
+    as the OBS pass leaves a quantized weight."""
+    from optimum_sparsesched.obs.grid import QuantGrid
+
+    grid, step, scales, zeros = QuantGrid(bits, sym), w.shape[1] if group_size == -1 else group_size, [], []
+    for c in range(0, w.shape[1], step):
+        grid.find_params(w[:, c:c + step])
+        scales.append(grid.scale), zeros.append(grid.zero)
+        w[:, c:c + step] = grid.quantize(w[:, c:c + step])
+    return w, (torch.cat(scales, 1), torch.cat(zeros, 1))
+
+
+def load_run_compressed(folder, **kwargs):
+    """``from_pretrained(folder, quantization_config=SparseScheduleConfig(run_compressed=True), **kwargs)``, without
+    transformers' note that only the loading attributes of the passed config are used."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=optimum_sparsesched.SparseScheduleConfig(run_compressed=True), **kwargs)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import CALIBRATION_TEXT
 from optimum_sparsesched import SparseScheduleConfig
+from optimum_sparsesched.config import LOADING_OPTIONS
 from optimum_sparsesched.cli import main
 from optimum_sparsesched.cli.options import build_parser
 
@@ -53,7 +54,7 @@ def test_compress_help_shows_every_option_with_its_default_and_choices(capsys):
     compress = parser._subparsers._group_actions[0].choices["compress"]
     dests = {a.dest for a in compress._actions}
     options = set(inspect.signature(SparseScheduleConfig.__init__).parameters) - {"self", "kwargs", "results",
-                                                                                  "tokenizer"}
+                                                                                  "tokenizer", *LOADING_OPTIONS}
     assert options <= dests, options - dests  # every option of the config is reachable from the CLI
 
 

@@ -46,7 +46,7 @@ def _eval(a: argparse.Namespace) -> int:
 
     tasks = parse_tasks(a.tasks, a.task_path)
     text = check_eval_text(a.dataset or str(EVALUATION_TEXT), "--dataset")
-    loaded = load_model(a.model, a.dtype, _say, a.tokenizer)
+    loaded = load_model(a.model, a.dtype, _say, a.tokenizer, run_compressed=a.run_compressed)
     if torch.cuda.is_available():
         loaded.model.cuda()
     protocol = dict(seq_len=a.seq_len, max_windows=a.max_windows, stride=a.stride)

@@ -5,6 +5,7 @@ embedded default). A bad one raises :class:`UsageError`, which the CLI prints as
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -178,26 +179,36 @@ def check_model_ref(ref: str | None, tokenizer: str | None = None) -> None:
 
 
 def load_model(ref: str | None, dtype: str, say: Callable[[str], None], tokenizer: str | None = None,
-               source: bool = False) -> LoadedModel:
-    """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` with its tokenizer
-    (``tokenizer``: another folder or hub id to read it from); with ``source``, checked as the source of a
-    compression (:func:`.pipeline.source_check.check_source`)."""
+               source: bool = False, run_compressed: bool = False) -> LoadedModel:
+    """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` (``"auto"``: the one it
+    was saved in; float32 for the embedded model) with its tokenizer (``tokenizer``: another folder or hub id to read
+    it from); with ``source``, checked as the source of a compression (:func:`.pipeline.source_check.check_source`);
+    with ``run_compressed``, a checkpoint this package compressed keeps its compact Linears compact in memory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    if run_compressed and ref is None:
+        raise UsageError("--run-compressed: the embedded model is not compressed; pass a checkpoint this package saved")
     if ref is None:
         from .default_model import load_default_model
 
         say("loading the embedded default model (SmolLM2-135M)")
-        default = load_default_model(torch_dtype, say=say)
+        default = load_default_model(torch.float32 if dtype == "auto" else torch_dtype, say=say)
         say(f"weights: {default.source}")
         return LoadedModel(default.model, default.tokenizer, default.source)
     check_model_ref(ref, tokenizer)
     path = Path(ref).expanduser()
+    extra: dict[str, Any] = {}
+    if run_compressed:  # a model this package did not compress is refused by the config (a loading option)
+        from ..config import SparseScheduleConfig
+
+        extra["quantization_config"] = SparseScheduleConfig(run_compressed=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or ref)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype)
+        with warnings.catch_warnings():  # transformers' note that only the loading attributes of ours are merged
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as exc:
         where = "the folder" if path.exists() else "the Hugging Face Hub"
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

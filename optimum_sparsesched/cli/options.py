@@ -135,7 +135,11 @@ def build_parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
     e.add_argument("model", help="model folder (a compressed checkpoint or any other) or hub id")
     _eval_options(e)
     _task_options(e)
-    e.add_argument("--dtype", default="float32", choices=DTYPES, help="[float32]")
+    e.add_argument("--dtype", default="float32", choices=(*DTYPES, "auto"), help="dtype the model is loaded in; auto: "
+                   "the one it was saved in [float32]")
+    e.add_argument("--run-compressed", action="store_true", help="keep the compact Linears of a checkpoint this "
+                   "package saved compact in memory, each decoded inside its forward (same outputs, less memory, "
+                   "slower) [decoded at load]")
     e.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH", help="tokenizer folder or hub id [MODEL's own]")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     p = sub.add_parser("push", help="upload a saved compressed checkpoint (with its model card) to the Hub")

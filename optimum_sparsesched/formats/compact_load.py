@@ -17,7 +17,8 @@ from torch import nn
 
 from ..obs.grid import Grid
 from ..pipeline.plan import is_transposed
-from .compact import decode_weight
+from .compact import SUFFIXES, check_compact_tensors, decode_weight
+from .compressed_linear import CompressedLinear
 from .spec import ExportSpec
 
 
@@ -58,8 +59,10 @@ def _load_op_base():
 
 class CompactDeserialize(_load_op_base()):
     """transformers load operation: the compact tensors of one module (``weight_mask`` + values or codes/grid, and
-    the empty ``weight`` placeholder) -> its dense ``weight`` in the model's dtype. A plain dense ``weight`` passes
-    through unchanged."""
+    the empty ``weight`` placeholder) -> its dense ``weight`` in the model's dtype (decoded in float32, cast once), or,
+    into a module kept compact (``run_compressed``, :mod:`.run_compressed`), the checked tensors as stored (values in
+    the model's dtype). A plain dense ``weight`` passes through, cast to the model's dtype: this operation takes every
+    ``weight`` of the checkpoint, and transformers casts nothing a quantizer's operation returns."""
 
     def __init__(self, hf_quantizer: LoadingQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
@@ -69,18 +72,23 @@ class CompactDeserialize(_load_op_base()):
         tensors = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
         module_name = full_layer_name.rpartition(".")[0]
         model.__dict__.setdefault(LOADED_ATTR, set()).add(module_name)
+        module = model.get_submodule(module_name)
+        dtype = module.weight.dtype  # the model's (``dtype=`` of from_pretrained; "auto": config.json's)
         if "weight_mask" not in tensors:
             weight = tensors.get("weight")
             if weight is None or len(tensors) > 1:
                 raise ValueError(f"{module_name}: the checkpoint holds {sorted(tensors)} for it: a compact weight "
                                  "needs weight_mask (a tensor is missing: the checkpoint is damaged)")
-            return {"weight": weight}
+            return {"weight": weight.to(dtype) if weight.is_floating_point() else weight}
         spec = self.hf_quantizer.export_spec
-        module = model.get_submodule(module_name)
+        if isinstance(module, CompressedLinear):  # run_compressed: checked, then kept as stored
+            check_compact_tensors(tensors, (module.out_features, module.in_features), spec.bits, spec.group_size,
+                                  spec.sym, module_name)
+            kept = {k: v.to(dtype) if k == "weight_values" else v for k, v in tensors.items() if k in SUFFIXES}
+            return {"weight": torch.empty(0, dtype=dtype, device=tensors["weight_mask"].device), **kept}
         transposed = is_transposed(module)
         shape = tuple(module.weight.shape[::-1] if transposed else module.weight.shape)
-        weight, grid = decode_weight(tensors, shape, module.weight.dtype, spec.bits, spec.group_size, spec.sym,
-                                     name=module_name)
+        weight, grid = decode_weight(tensors, shape, dtype, spec.bits, spec.group_size, spec.sym, name=module_name)
         if grid is not None:
             loaded_grids(model)[module_name] = tuple(t.cpu() for t in grid)
         return {"weight": weight.t().contiguous() if transposed else weight}

@@ -16,20 +16,33 @@ from torch import nn
 
 from ..obs.grid import Grid
 from ..pipeline.plan import weight_matrix
-from .compact import REQUIRES_PLUGIN_KEY, compact_module_tensors
+from .compact import REQUIRES_PLUGIN_KEY, SUFFIXES, compact_module_tensors
+from .compressed_linear import CompressedLinear
 from .spec import ExportSpec
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A compressed module's weight matrix ``[out, in]``: a view of its parameter, or decoded for a module kept
+    compact in memory (:class:`.compressed_linear.CompressedLinear`)."""
+    return module.decode() if isinstance(module, CompressedLinear) else weight_matrix(module)
 
 
 def encode_module(name: str, module: nn.Module, grid: Grid | None, spec: ExportSpec) -> dict[str, torch.Tensor] | None:
     """The tensors (``{suffix: tensor}``, on the CPU) that replace compressed module ``name``'s ``weight`` (quantized
-    on ``grid``) in ``spec.format``, or ``None`` when the weight is saved as it is."""
+    on ``grid``) in ``spec.format``, or ``None`` when the weight is saved as it is. A module kept compact in memory
+    gives its own tensors (``"compact"``: the checkpoint it was loaded from, tensor for tensor), else its decoded
+    weight (``"dense"``: in the module's own layout) and grid."""
+    compact = isinstance(module, CompressedLinear)
     if spec.format == "dense":
-        return None
+        if not compact:
+            return None
+        w = module.decode()
+        return {"weight": (w.t().contiguous() if module.transposed else w).cpu()}
     if spec.format == "compressed-tensors":
         from .compressed_tensors import compressed_tensors_module_tensors
 
-        return compressed_tensors_module_tensors(name, weight_matrix(module), grid, spec)
-    return compact_module_tensors(weight_matrix(module), grid, spec)
+        return compressed_tensors_module_tensors(name, dense_weight(module), module.grid() if compact else grid, spec)
+    return module.compact_tensors() if compact else compact_module_tensors(weight_matrix(module), grid, spec)
 
 
 def encode_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], grids: dict[str, Grid],
@@ -40,7 +53,8 @@ def encode_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], 
     for name, module in modules.items():
         encoded = encode_module(name, module, grids.get(name), spec)
         if encoded is not None:
-            del state[f"{name}.weight"]
+            for suffix in ("weight", *SUFFIXES):  # a module kept compact holds the compact tensors in the state
+                state.pop(f"{name}.{suffix}", None)
             state.update({f"{name}.{suffix}": t for suffix, t in encoded.items()})
             compact = compact or "weight_mask" in encoded
     return compact

@@ -74,9 +74,9 @@ def weights_metadata(spec: ExportSpec, layer_sparsities: Mapping[str, float],
     return out
 
 
-def read_weights_metadata(path: str | os.PathLike) -> dict[str, str] | None:
-    """The header metadata of a safetensors file (``{}`` when it has none), or None when ``path`` is not a readable
-    safetensors file. Reads the header only."""
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (``{key: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``),
+    or None when ``path`` is not a readable safetensors file. Reads the header only."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -85,7 +85,16 @@ def read_weights_metadata(path: str | os.PathLike) -> dict[str, str] | None:
             header = json.loads(f.read(size))
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return header if isinstance(header, dict) else None
+
+
+def read_weights_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The header metadata of a safetensors file (``{}`` when it has none), or None when ``path`` is not a readable
+    safetensors file. Reads the header only."""
+    header = read_safetensors_header(path)
+    if header is None:
+        return None
+    metadata = header.get("__metadata__")
     return dict(metadata) if isinstance(metadata, dict) else {}
 
 

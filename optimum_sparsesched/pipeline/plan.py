@@ -40,9 +40,11 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
 
 
 def module_sizes(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
-    """Number of weights of each named module, in the model's module order."""
+    """Number of weights of each named module, in the model's module order (of the dense layer that a module kept
+    compact in memory stands for: its ``dense_numel``)."""
     wanted = set(names)
-    return {n: int(m.weight.numel()) for n, m in model.named_modules() if n in wanted and hasattr(m, "weight")}
+    return {n: int(getattr(m, "dense_numel", None) or m.weight.numel()) for n, m in model.named_modules()
+            if n in wanted and hasattr(m, "weight")}
 
 
 def is_skipped(name: str, skip: Iterable[str]) -> bool:

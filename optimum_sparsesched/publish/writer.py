@@ -39,10 +39,10 @@ from torch import nn
 
 from ..config import SAVED_CONFIG_KEY, SparseScheduleConfig
 from ..formats.compact import REQUIRES_PLUGIN_KEY
-from ..formats.encode import encode_state
+from ..formats.encode import dense_weight, encode_state
 from ..formats.metadata import DIGESTS_KEY, tensor_digest, weights_metadata
 from ..pipeline.offload import offloaded_tensors
-from ..pipeline.plan import CompressionPlan, weight_matrix
+from ..pipeline.plan import CompressionPlan
 from ..pipeline.sources import BlockSource, BlockVisit
 from .model_card import CARD_FILE, card_for_model, is_own_card
 from .shards import ShardWriter
@@ -97,7 +97,7 @@ class CheckpointWriter:
         state = {prefix + k: v for k, v in visit.block.state_dict().items()}
         nm = self.config.nm
         for name, module in visit.modules.items():
-            w = weight_matrix(module).detach()
+            w = dense_weight(module).detach()  # decoded for a module kept compact (run_compressed)
             self.sparsities[name], self.sizes[name] = float((w == 0).sum()) / w.numel(), w.numel()
             if nm is not None and self.pattern_holds:
                 self.pattern_holds = bool(((w.reshape(w.shape[0], -1, nm[1]) == 0).sum(-1) >= nm[0]).all())

@@ -104,6 +104,14 @@ def test_zero_shot_is_recorded_in_the_model_card(tokenizer, task_dir, tmp_path):
     assert recorded[("acc", "tiny_mc")].metric_value == pytest.approx(results["tiny_mc"].metrics["acc"])
     assert recorded[("acc_norm", "tiny_mc")].metric_args == {"num_fewshot": 0, "samples": len(DOCS)}
     assert "| acc |" in card.text and "0-shot, 8 documents" in card.text
+    # the saved checkpoint kept compact in memory (run_compressed) scores as the model in memory
+    from conftest import load_run_compressed
+    from optimum_sparsesched.formats.compressed_linear import CompressedLinear
+
+    compact = load_run_compressed(tmp_path / "out")
+    assert any(isinstance(m, CompressedLinear) for m in compact.modules())
+    again = osp.zero_shot(compact, tokenizer, ["tiny_mc"], task_paths=[task_dir])["tiny_mc"]
+    assert again.metrics == results["tiny_mc"].metrics
 
 
 def test_cli_eval_tasks(save_tiny, task_dir, capsys):

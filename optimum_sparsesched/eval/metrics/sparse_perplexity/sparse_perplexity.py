@@ -14,6 +14,8 @@ Default (``protocol="per-text"``): the conventions of the Hub ``perplexity`` met
 with the same defaults, so it reports the same number as ``optimum-sparsesched eval``.
 """
 
+import warnings
+
 import datasets
 import evaluate
 
@@ -22,7 +24,9 @@ _DESCRIPTION = "Perplexity of a causal LM (object or path): per text (Hub conven
 _KWARGS = """
 Args:
     predictions (list[str]): the texts.
-    model: a transformers causal LM object, or a model folder / hub id.
+    model: a transformers causal LM object, or a model folder / hub id (loaded in float32).
+    run_compressed (bool, False): with a path compressed by optimum-sparsesched, keep its compact Linears compact in
+        memory (SparseScheduleConfig(run_compressed=True)).
     tokenizer: a tokenizer object or name/path (default: the model's path).
     protocol (str): "per-text" (default, the Hub `perplexity` metric's) or "sparsegpt".
     per-text: batch_size (int, 16), add_start_token (bool, True), max_length (int, default the model's positions).
@@ -41,7 +45,8 @@ class SparsePerplexity(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string")}))
 
     def _compute(self, predictions, model=None, tokenizer=None, protocol="per-text", batch_size=16,
-                 add_start_token=True, max_length=None, seq_len=None, stride=None, max_windows=None):
+                 add_start_token=True, max_length=None, seq_len=None, stride=None, max_windows=None,
+                 run_compressed=False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,7 +58,14 @@ class SparsePerplexity(evaluate.Metric):
             raise ValueError("model: pass a causal LM object or a model path/hub id")
         if isinstance(model, str):
             tokenizer = tokenizer or model
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+            extra = {}
+            if run_compressed:
+                from optimum_sparsesched.config import SparseScheduleConfig
+
+                extra["quantization_config"] = SparseScheduleConfig(run_compressed=True)
+            with warnings.catch_warnings():  # transformers' note that only our loading attributes are merged
+                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+                model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **extra)
         if tokenizer is None:
             tokenizer = model.name_or_path
         if isinstance(tokenizer, str):

@@ -1,0 +1,111 @@
+"""``run_compressed=True``: a compressed checkpoint loaded with its compact Linears kept compact in memory
+(:class:`.compressed_linear.CompressedLinear`), and what saving or dequantizing such a model needs.
+
+``from_pretrained(OUT, quantization_config=SparseScheduleConfig(run_compressed=True))`` — a loading attribute that
+transformers merges into the checkpoint's own config (``get_loading_attributes``) — makes the quantizer:
+
+1. before any tensor is read (:func:`replace_compact_modules`), read the safetensors headers of the checkpoint and
+   replace every compressed module stored compactly (``{name}.weight_mask`` present) by a ``CompressedLinear`` whose
+   meta buffers have the checkpoint's names, shapes and dtypes (values in the model dtype);
+2. while loading, hand each such module's tensors to the load operation (:mod:`.compact_load`), which checks them as
+   a decoding load does and passes them through into the buffers — no dense weight is ever built — and records the
+   module as loaded (a module whose tensors are missing is refused after the load, as for a decoding load);
+3. after loading (:func:`encode_dense_modules`), for a checkpoint saved with ``export_format="dense"`` (no compact
+   tensors on disk), encode each compressed Linear now, one at a time (the load itself then peaks at the dense model).
+
+A module the checkpoint stores densely (compact would not be smaller) stays an ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..obs.grid import Grid
+from ..pipeline.plan import weight_matrix
+from .compact import SUFFIXES, compact_module_tensors
+from .compressed_linear import CompressedLinear
+from .metadata import read_safetensors_header
+from .spec import ExportSpec
+
+#: safetensors dtype names of the tensors a compact checkpoint holds
+_DTYPES = {"U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+           "F64": torch.float64}
+
+
+def checkpoint_layout(files: Iterable[str]) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
+    """``{key: (dtype, shape)}`` of every tensor in the safetensors ``files`` (headers only; dtype None when it is
+    not one a compact checkpoint uses)."""
+    layout = {}
+    for path in files:
+        header = read_safetensors_header(path) if str(path).endswith(".safetensors") else None
+        for key, entry in (header or {}).items():
+            if key != "__metadata__" and isinstance(entry, dict):
+                layout[key] = (_DTYPES.get(entry.get("dtype")), tuple(entry.get("shape", ())))
+    return layout
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def replace_compact_modules(model: nn.Module, checkpoint_files: Iterable[str], spec: ExportSpec,
+                            names: Iterable[str]) -> list[str]:
+    """Before loading: every compressed module of ``names`` that ``checkpoint_files`` store compactly becomes a
+    meta ``CompressedLinear`` with the checkpoint's tensor shapes (``spec``: the grid they were encoded on). Returns
+    the names replaced."""
+    layout = checkpoint_layout(checkpoint_files)
+    replaced = []
+    for name in names:
+        if f"{name}.weight_mask" not in layout:
+            continue
+        module = model.get_submodule(name)
+        meta = {}
+        for suffix in SUFFIXES:
+            if f"{name}.{suffix}" in layout:
+                stored, shape = layout[f"{name}.{suffix}"]
+                if stored is None:
+                    raise ValueError(f"{name}.{suffix}: the checkpoint stores it with a dtype a compact checkpoint "
+                                     "never uses; the checkpoint is damaged")
+                dtype = module.weight.dtype if suffix == "weight_values" else stored
+                meta[suffix] = torch.empty(shape, dtype=dtype, device="meta")
+        _set_submodule(model, name, CompressedLinear.replacing(module, meta, spec.bits, spec.group_size, spec.sym))
+        replaced.append(name)
+    return replaced
+
+
+def compressed_linears(model: nn.Module) -> dict[str, CompressedLinear]:
+    """Every ``CompressedLinear`` of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def encode_dense_modules(model: nn.Module, spec: ExportSpec, names: Iterable[str],
+                         grids: dict[str, Grid]) -> list[str]:
+    """After a ``run_compressed`` load: replace each compressed module of ``names`` still dense (a checkpoint saved
+    with ``export_format="dense"``) by a ``CompressedLinear`` holding the tensors a compact save would write for it
+    (:func:`.compact.compact_module_tensors`, on its grid from ``grids`` if known, else mask and values; a module for
+    which compact is not smaller stays dense), one module at a time. Returns the names replaced."""
+    compact = ExportSpec("compact", spec.bits, spec.group_size, spec.sym)
+    replaced = []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, CompressedLinear):
+            continue
+        with torch.no_grad():
+            tensors = compact_module_tensors(weight_matrix(module), grids.get(name), compact)
+        if tensors is None:
+            continue
+        tensors = {k: v.to(module.weight.device) for k, v in tensors.items()}
+        _set_submodule(model, name, CompressedLinear.replacing(module, tensors, spec.bits, spec.group_size, spec.sym))
+        replaced.append(name)
+    return replaced
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every ``CompressedLinear`` by the dense module it stands for (its weight decoded), one at a time."""
+    for name, module in compressed_linears(model).items():
+        _set_submodule(model, name, module.to_dense())
+    return model
