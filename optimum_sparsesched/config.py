@@ -105,8 +105,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         reconstruct_epochs, reconstruct_lr: epochs of block reconstruction after each block (Adam on the kept
             weights, mask fixed, toward the dense block's outputs; kept only when it lowers the block's error;
             :mod:`.obs.reconstruct`), 0 = off, and its learning rate (cosine decay).
-        run_compressed: a loading option (``from_pretrained(OUT, quantization_config=SparseScheduleConfig(
-            run_compressed=True))``, merged into the checkpoint's config as transformers merges GPTQ's): every compact
+        run_compressed: a loading option (merged into a saved checkpoint's config as GPTQ's are): every compact
             Linear stays compact in memory, decoded inside its forward (:mod:`.formats.compressed_linear`).
         results: what a run achieved (:class:`.results.CompressionResults`, or its dict as saved); empty before.
     """
@@ -250,9 +249,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
     def check_compression_options(self) -> None:
         """Before compressing: a loading option is refused (``ValueError`` naming it)."""
         if self.run_compressed:
-            raise invalid("run_compressed", True, "False when compressing (a loading option of a saved checkpoint: "
-                          "save, then from_pretrained(folder, quantization_config=SparseScheduleConfig("
-                          "run_compressed=True)))")
+            raise invalid("run_compressed", True, "False when compressing (a loading option: save, then from_pretrained("
+                          "folder, quantization_config=SparseScheduleConfig(run_compressed=True)))")
 
     def _dataset_description(self) -> str:
         """The description of ``dataset``, computed once per dataset (a local file is hashed once)."""
