@@ -100,6 +100,10 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         reconstruct_epochs, reconstruct_lr: epochs of block reconstruction after each block (Adam on the kept
             weights, mask fixed, toward the dense block's outputs; kept only when it lowers the block's error;
             :mod:`.obs.reconstruct`), 0 = off, and its learning rate (cosine decay).
+        reconstruct_target: what the reconstruction fits: ``"dense"`` (the dense model's output of each block, from
+            a stream of the dense model's hidden states carried beside the calibration activations) or ``"local"``
+            (the dense block's output on the block's compressed-model inputs, recorded by the Hessian forward: no
+            second stream, one block forward per window less).
         results: what a run achieved (:class:`.results.CompressionResults`, or its dict as saved); empty before.
     """
 
@@ -112,6 +116,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                  export_format: str = "compact", owl_m: float = 5.0, owl_lambda: float = 0.08,
                  preset: str = "default", solver: str | None = None, search_steps: int | None = None,
                  reconstruct_epochs: int | None = None, reconstruct_lr: float = 1e-3,
+                 reconstruct_target: str = "dense",
                  results: CompressionResults | dict[str, Any] | None = None, **kwargs: Any) -> None:
         options = {k: v for k, v in locals().items() if k in self._fields()}
         self.quant_method = QUANT_METHOD
@@ -208,7 +213,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                          self.solver)
 
     def reconstruct_spec(self) -> ReconstructSpec:
-        return ReconstructSpec(self.reconstruct_epochs, self.reconstruct_lr, self.seed, self.bits, self.group_size)
+        return ReconstructSpec(self.reconstruct_epochs, self.reconstruct_lr, self.seed, self.bits, self.group_size,
+                               self.reconstruct_target)
 
     def residency_spec(self) -> ResidencySpec:
         return ResidencySpec(self.seq_len, self.block_size, int(self.schedule_spec().measures_damage),
