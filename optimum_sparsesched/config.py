@@ -82,22 +82,18 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         sparsity_range: ``(lo, hi)`` with ``0 <= lo <= sparsity <= hi < 1``, or ``"auto"`` (``"hessian"``: the span of
             the damage-minimising allocation of the measured curves; ``"ramp"``: ``sparsity ± 0.1``).
         num_levels: log-error levels of the ``"hessian"`` schedule (1 = uniform).
-        error_metric: ``"fisher"`` (default: the end-to-end damage of each block pruned alone, estimated to second
-            order from one backward pass, linear in depth: :mod:`.schedule.fisher`), ``"kl-alone"`` (the same damage
-            measured by running each pruned block's stream to the logits: ``L²/2`` block forwards per probe window)
-            or ``"obs"`` (the paper's local OBS loss, read literally: a baseline).
+        error_metric: each block's damage pruned alone: ``"fisher"`` (from one backward pass, :mod:`.schedule.fisher`),
+            ``"kl-alone"`` (KL at the logits, ``L²/2`` block forwards) or ``"obs"`` (the paper's local loss).
         probe_samples: calibration windows the schedule's statistics are measured on.
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             (weights included) resumes from the last finished block. Never written into config.json.
         max_device_memory: byte budget on the compute device: ``None`` (no cap), an int or ``"2GiB"``/``"512MB"``; a
             block whose working set exceeds it is refused before any work (:mod:`.pipeline.residency`).
-        export_format: ``"compact"`` (bitmask + values or packed codes, decompressed on load; needs ``import
-            optimum_sparsesched``), ``"dense"`` (plain weights with zeros) or ``"compressed-tensors"``
-            (pack-quantized, requires ``bits``; plain transformers with compressed-tensors, and vLLM, load it).
+        export_format: ``"compact"`` (bitmask + values or packed codes; needs ``import optimum_sparsesched``),
+            ``"dense"`` (weights with zeros) or ``"compressed-tensors"`` (pack-quantized, requires ``bits``).
         owl_m, owl_lambda: OWL's outlier threshold M and sparsity spread λ.
-        preset: ``"default"`` (``solver="refit"``), ``"quality"`` (``solver="admm"``, 8 search steps, 3 epochs of
-            block reconstruction) or ``"sparsegpt"`` (the paper's solver alone): fills what is not given of
-            ``solver``, ``search_steps`` and ``reconstruct_epochs``.
+        preset: fills what is not given of ``solver``, ``search_steps``, ``reconstruct_epochs``: ``"default"`` (refit),
+            ``"quality"`` (admm, 8 search steps, 3 epochs) or ``"sparsegpt"`` (the paper's solver alone).
         solver: ``"sparsegpt"`` (the OBS scan), ``"refit"`` (its mask, kept weights refitted exactly) or ``"admm"``
             (mask searched by ADMM, as ALPS, then refitted); kept per layer only when below the scan's loss.
         search_steps: steps of the allocation search refining the ``hessian`` schedule by the KL of the pruned
@@ -107,6 +103,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
             :mod:`.obs.reconstruct`), 0 = off, and its learning rate (cosine decay).
         run_compressed: a loading option (merged into a saved checkpoint's config as GPTQ's are): every compact
             Linear stays compact in memory, decoded inside its forward (:mod:`.formats.compressed_linear`).
+        reconstruct_target: what the reconstruction fits: ``"dense"`` (each block's output in the dense model, a
+            second stream of hidden states) or ``"local"`` (the dense block on the compressed inputs: no stream).
         results: what a run achieved (:class:`.results.CompressionResults`, or its dict as saved); empty before.
     """
 
@@ -118,7 +116,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                  probe_samples: int = 4, checkpoint_dir: str | None = None, max_device_memory: int | str | None = None,
                  export_format: str = "compact", owl_m: float = 5.0, owl_lambda: float = 0.08,
                  preset: str = "default", solver: str | None = None, search_steps: int | None = None,
-                 reconstruct_epochs: int | None = None, reconstruct_lr: float = 1e-3, run_compressed: bool = False,
+                 reconstruct_epochs: int | None = None, reconstruct_lr: float = 1e-3, reconstruct_target: str = "dense",
+                 run_compressed: bool = False,
                  results: CompressionResults | dict[str, Any] | None = None, **kwargs: Any) -> None:
         options = {k: v for k, v in locals().items() if k in self._fields()}
         self.quant_method = QUANT_METHOD
@@ -215,7 +214,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                          self.solver)
 
     def reconstruct_spec(self) -> ReconstructSpec:
-        return ReconstructSpec(self.reconstruct_epochs, self.reconstruct_lr, self.seed, self.bits, self.group_size)
+        return ReconstructSpec(self.reconstruct_epochs, self.reconstruct_lr, self.seed, self.bits, self.group_size,
+                               self.reconstruct_target)
 
     def residency_spec(self) -> ResidencySpec:
         return ResidencySpec(self.seq_len, self.block_size, int(self.schedule_spec().measures_damage),

@@ -14,6 +14,7 @@ import re
 from typing import Any, Callable
 
 from .formats.spec import EXPORT_FORMATS
+from .obs.reconstruct import RECONSTRUCT_TARGETS
 
 SCHEDULES = ("hessian", "uniform", "owl", "ramp")
 ERROR_METRICS = ("fisher", "kl-alone", "obs")
@@ -62,6 +63,7 @@ CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("search_steps", is_int(0, MAX_SEARCH_STEPS), f"an integer from 0 (no search) to {MAX_SEARCH_STEPS}"),
     ("reconstruct_epochs", is_int(0, MAX_RECONSTRUCT_EPOCHS), f"an integer from 0 (off) to {MAX_RECONSTRUCT_EPOCHS}"),
     ("reconstruct_lr", is_number(lambda v: 0 < v <= 1), "a number with 0 < reconstruct_lr <= 1 (Adam's step)"),
+    ("reconstruct_target", lambda v: v in RECONSTRUCT_TARGETS, " | ".join(map(repr, RECONSTRUCT_TARGETS))),
     ("num_levels", is_int(1), "a positive integer"), ("probe_samples", is_int(1), "a positive integer"),
     ("owl_m", is_number(lambda v: v > 0), "a finite number > 0"),
     ("owl_lambda", is_number(lambda v: v > 0), "a finite number > 0"),

@@ -98,17 +98,21 @@ def _compress(model: nn.Module, config: SparseScheduleConfig, plan: CompressionP
     allocation = Allocation(**saved) if saved else measure_schedule(model, source, windows, config, device,
                                                                    residency.storage, ctx)
     resume.start(allocation.targets, allocation.estimates, allocation.resolved_range)
-    dense = [h.clone() for h in inputs.hidden] if config.reconstruct_epochs else None  # the dense model's stream
+    aim = config.reconstruct_spec()  # with the dense target, the dense model's stream advances beside
+    dense = [h.clone() for h in inputs.hidden] if aim.epochs and aim.target == "dense" else None
     progress = tqdm(total=len(plan.blocks), desc="sparsegpt", unit="block", mininterval=0)
     for index in range(len(plan.blocks)):
         with source.visit(index, device, keep=True) as visit:
             resume.note_weights(visit)
             if dense is not None:  # the dense block's outputs, before its weights are compressed or restored
                 dense = [store(visit.forward(h), h) for h in dense]
+            outputs: list[torch.Tensor] = []  # the block's outputs when its reconstruction computed them
             if not resume.restore(visit):
-                resume.save(visit, *compress_block(visit, inputs, allocation.targets, config, kernel, ctx, dense))
+                resume.save(visit, *compress_block(visit, inputs, allocation.targets, config, kernel, ctx, dense,
+                                                   outputs))
             for j, h in enumerate(inputs.hidden if index + 1 < len(plan.blocks) else []):  # the next block's
-                inputs.hidden[j] = store(visit.forward(h), h)  # inputs, window by window (the last feeds none)
+                inputs.hidden[j] = store(outputs[j] if outputs else visit.forward(h), h)  # inputs (the last feeds
+            del outputs  # none), window by window
         progress.set_postfix(err=f"{sum(resume.losses.values()):.4g}", refresh=False)
         progress.update()
     progress.close()
@@ -144,16 +148,26 @@ def measure_schedule(model: nn.Module, source: BlockSource, windows: torch.Tenso
 
 
 def compress_block(visit: BlockVisit, inputs: BlockInputs, targets: dict[str, float], config: SparseScheduleConfig,
-                   kernel: str, ctx: DistributedContext,
-                   dense: list[torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                   kernel: str, ctx: DistributedContext, dense: list[torch.Tensor] | None = None,
+                   outputs: list[torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """One block, in its visit: Hessians of its modules on ``inputs.hidden``, the OBS solve of every module at its
-    target, and with ``dense`` (the dense block's outputs) block reconstruction. Returns the achieved sparsity and
-    the OBS loss of every module."""
-    losses = solve_block(visit, collect_block_hessians(visit, inputs.hidden), targets, config, kernel, ctx)
-    if dense is not None:
+    target, and with ``reconstruct_epochs`` block reconstruction toward ``dense`` (the dense block's outputs on the
+    dense model's stream; without it, no reconstruction) or, with ``reconstruct_target="local"``, toward the dense
+    block's outputs on ``inputs.hidden`` (recorded by the Hessian forward). When the reconstruction's weights are
+    kept, ``outputs`` receives the block's outputs on every window (the next block's inputs, on the inputs'
+    device). Returns the achieved sparsity and the OBS loss of every module."""
+    spec = config.reconstruct_spec()
+    local = [] if spec.epochs and spec.target == "local" else None  # filled by the Hessian forward
+    losses = solve_block(visit, collect_block_hessians(visit, inputs.hidden, local), targets, config, kernel, ctx)
+    aim = local if local is not None else dense if spec.epochs else None
+    if aim is not None:
+        after: list[torch.Tensor] = []
         fit = reconstruct_block([KeptWeight(m.weight, is_transposed(m), visit.grids.get(n))
                                  for n, m in visit.modules.items()], lambda j: visit.forward(inputs.hidden[j]),
-                                dense, config.reconstruct_spec(), visit.index, ctx, list(visit.block.parameters()))
+                                aim, spec, visit.index, ctx, list(visit.block.parameters()),
+                                emit=lambda j, out: after.append(out.to(inputs.hidden[j].device)))
+        if fit.kept and outputs is not None:
+            outputs[:] = after
         logger.info("block %d reconstruction: output error %.4g -> %.4g%s", visit.index, fit.before, fit.after,
                     "" if fit.kept else " (not lower: the solver's weights kept)")
     achieved = {n: float((m.weight == 0).sum().item() / m.weight.numel()) for n, m in visit.modules.items()}

@@ -48,7 +48,7 @@ def test_compress_help_shows_every_option_with_its_default_and_choices(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for needle in ("--sparsity SPARSITY target fraction of zeros, 0 <= s < 1 [0.5]", "{hessian,uniform,owl,ramp}",
                    "[hessian; uniform with --pattern]", "{kl-alone,obs}", "[kl-alone]", "{compact,dense,compressed-tensors}",
-                   "[128; embedded: 16]", "[2048; embedded: 512]", "[auto]", "[lm_head]", "[0.01]", "[5.0]", "[0.08]"):
+                   "[128; embedded: 16]", "[2048; embedded: 512]", "{dense,local}", "[auto]", "[lm_head]", "[0.01]", "[5.0]", "[0.08]"):
         assert needle in text, needle
     parser = build_parser()
     compress = parser._subparsers._group_actions[0].choices["compress"]
@@ -65,6 +65,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(save_tiny, texts, tmp_
     one_line_error(capsys, "sparsity")
     assert main(["compress", "--export-format", "gguf"]) == 2
     one_line_error(capsys, "export-format", "compact")
+    assert main(["compress", "--reconstruct-target", "global"]) == 2
+    one_line_error(capsys, "reconstruct-target", "dense", "local")
     assert main(["compress", "--max-device-memory", "lots"]) == 2
     one_line_error(capsys, "max_device_memory")
     assert main(["compress", "--sparsity-range", "low,high"]) == 2

@@ -75,9 +75,11 @@ CASES = {
     "llama-quality-preset-search": ("llama", dict(sparsity=0.6, preset="quality", search_steps=2, **SMALL)),
     "opt-refit-2of4-int4": ("opt", dict(sparsity=0.5, pattern="2:4", bits=4, group_size=32, solver="refit",
                                         **UNIFORM)),
-    # block reconstruction: a dense stream beside the compressed one (bf16 Llama: float32 master weights)
+    # block reconstruction: a dense stream beside the compressed one (bf16 Llama: float32 master weights), and the
+    # local target (the Hessian forward's outputs; the after pass's outputs are the next block's inputs)
     "llama-reconstruct-2of4": ("llama", dict(sparsity=0.5, pattern="2:4", reconstruct_epochs=2, **UNIFORM)),
-    "opt-reconstruct-int4": ("opt", dict(sparsity=0.5, bits=4, group_size=32, reconstruct_epochs=2, **UNIFORM)),
+    "opt-reconstruct-int4-local": ("opt", dict(sparsity=0.5, bits=4, group_size=32, reconstruct_epochs=2,
+                                               reconstruct_target="local", **UNIFORM)),
 }
 
 

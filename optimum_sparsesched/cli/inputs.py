@@ -53,6 +53,7 @@ def config_from_args(a: Any) -> Any:
                    num_levels=a.num_levels, owl_m=a.owl_m, owl_lambda=a.owl_lambda, preset=a.preset,
                    solver=a.solver, search_steps=a.search_steps,
                    reconstruct_epochs=a.reconstruct_epochs, reconstruct_lr=a.reconstruct_lr,
+                   reconstruct_target=a.reconstruct_target,
                    dataset=a.dataset or (str(CALIBRATION_TEXT) if embedded else "wikitext2"),
                    num_samples=pick("num_samples"), seq_len=pick("seq_len"), seed=a.seed,
                    export_format=a.export_format, checkpoint_dir=a.checkpoint_dir,

@@ -9,6 +9,7 @@ from typing import Any
 
 from .inputs import DTYPES, EMBEDDED
 from ..config import ERROR_METRICS, EXPORT_FORMATS, PRESETS, SCHEDULES, SOLVERS, SparseScheduleConfig
+from ..obs.reconstruct import RECONSTRUCT_TARGETS
 from ..eval.perplexity import DEFAULT_SEQ_LEN
 
 
@@ -57,6 +58,10 @@ def _compress_parser(sub: Any) -> None:
                    f"{PRESETS[d['preset']]['reconstruct_epochs']}]")
     g.add_argument("--reconstruct-lr", type=float, default=d["reconstruct_lr"], help="Adam learning rate of the "
                    f"block reconstruction [{d['reconstruct_lr']}]")
+    g.add_argument("--reconstruct-target", default=d["reconstruct_target"], choices=RECONSTRUCT_TARGETS,
+                   help="what block reconstruction fits: dense (the dense model's block outputs, a second stream of "
+                   "hidden states) or local (the dense block's outputs on the compressed inputs, one forward less) "
+                   f"[{d['reconstruct_target']}]")
     g.add_argument("--damp", type=float, default=d["damp"], help=f"Hessian damping, fraction of mean(diag H) "
                    f"[{d['damp']}]")
     g.add_argument("--block-size", type=int, default=d["block_size"], help=f"OBS column block [{d['block_size']}]")

@@ -89,8 +89,8 @@ class InverseHessian:
         return self._normalized
 
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Λ, Q)`` with ``H̃ = Q diag(Λ) Qᵀ`` (float32; computed in float64)."""
+        """``(Λ, Q)`` with ``H̃ = Q diag(Λ) Qᵀ`` (float32). ADMM only solves with ``H̃ + ρI``, ``ρ ≥ 0.1`` against
+        ``H̃``'s unit diagonal: a system float32 resolves, so no float64 factorisation (twice the time)."""
         if self._eigh is None:
-            lam, Q = torch.linalg.eigh(self.normalized()[0].double())
-            self._eigh = (lam.float(), Q.float())
+            self._eigh = torch.linalg.eigh(self.normalized()[0])
         return self._eigh

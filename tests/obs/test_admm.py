@@ -67,6 +67,26 @@ def test_admm_finds_the_brute_force_optimal_support_of_tiny_layers(seed):
     assert result.loss <= best * 1.02, (result.loss, best, result.sparsegpt_loss)
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_admm_stops_once_the_support_is_frozen_at_the_loss_of_every_iteration(nm, monkeypatch):
+    """The search ends after ADMM_PATIENCE iterations without a change of the support, well before ADMM_ITERATIONS;
+    the refitted loss is that of the full iteration count to 0.5%, and the N:M pattern holds."""
+    W, H = layer(64, 96, seed=3)
+    spec = PruneSpec(0.5, nm=nm, solver="admm")
+    calls = []
+    real = admm.project
+    monkeypatch.setattr(admm, "project", lambda Z, spec: calls.append(1) or real(Z, spec))
+    early = prune_module.prune(W, InverseHessian(H, 0.01), spec)
+    iterations, calls[:] = len(calls), []
+    monkeypatch.setattr(admm, "ADMM_PATIENCE", admm.ADMM_ITERATIONS + 1)
+    full = prune_module.prune(W, InverseHessian(H, 0.01), spec)
+    assert iterations < admm.ADMM_ITERATIONS == len(calls)
+    assert early.solver == full.solver == "admm"
+    assert early.loss == pytest.approx(full.loss, rel=5e-3)
+    if nm is not None:
+        assert ((early.weight.view(64, -1, 4) == 0).sum(-1) >= 2).all()
+
+
 def test_admm_matches_the_optimum_more_often_than_the_scan():
     hits = {"sparsegpt": 0, "admm": 0}
     for seed in range(20):

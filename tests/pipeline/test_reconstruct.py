@@ -83,7 +83,8 @@ def test_quantized_weights_end_on_their_grid(group_size):
         assert (w[zeros[name]] == 0).all(), name  # nothing pruned revives (a kept weight may round to the zero code)
 
 
-def test_compress_with_reconstruction_is_closer_to_the_dense_model(tokenizer):
+@pytest.mark.parametrize("target", ["dense", "local"])
+def test_compress_with_reconstruction_is_closer_to_the_dense_model(target, tokenizer):
     dense = tiny_model("llama", num_hidden_layers=3)
     ids = torch.randint(1, 500, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -92,22 +93,66 @@ def test_compress_with_reconstruction_is_closer_to_the_dense_model(tokenizer):
     def kl(epochs):
         model = tiny_model("llama", num_hidden_layers=3)
         config = SparseScheduleConfig(**{**OPTIONS, "num_samples": 8}, sparsity=0.5, pattern="2:4",
-                                      reconstruct_epochs=epochs, reconstruct_lr=1e-3)
+                                      reconstruct_epochs=epochs, reconstruct_lr=1e-3, reconstruct_target=target)
         compress(model, config, tokenizer=tokenizer)
         with torch.no_grad():
             logp = model(ids).logits.log_softmax(-1)
-        return float((reference.exp() * (reference - logp)).sum(-1).mean()), config.results.layer_sparsities
+        return (float((reference.exp() * (reference - logp)).sum(-1).mean()), config.results.layer_sparsities,
+                model.state_dict())
 
-    without, sparsities = kl(0)
-    with_reconstruction, same = kl(4)
+    without, sparsities, _ = kl(0)
+    with_reconstruction, same, weights = kl(4)
     assert same == sparsities  # the masks are the solver's
     assert with_reconstruction < 0.9 * without
+    again = kl(4)[2]  # the same seed: the same weights, bit for bit
+    assert all(torch.equal(again[k], v) for k, v in weights.items())
+
+
+@torch.no_grad()
+def test_the_after_pass_outputs_are_the_kept_weights_outputs_and_a_refusal_hands_none_on():
+    """compress_block hands the reconstruction's after-pass outputs on as the next block's inputs only when the new
+    weights are kept: they are then the block's outputs bit for bit, as a forward after the solve computes them."""
+    model = tiny_model("llama")
+    inputs = capture_block_inputs(model, torch.randint(1, 500, (4, 32), generator=torch.Generator().manual_seed(0)),
+                                  "cpu")
+    for lr, kept in ((1e-3, True), (1.0, False)):
+        config = SparseScheduleConfig(**OPTIONS, sparsity=0.5, reconstruct_epochs=2, reconstruct_lr=lr,
+                                      reconstruct_target="local")
+        outputs = []
+        with block_visit(tiny_model("llama"), inputs) as visit:
+            compress_block(visit, inputs, {n: 0.5 for n in visit.modules}, config, "torch", DistributedContext(),
+                           outputs=outputs)
+            fresh = [visit.forward(h) for h in inputs.hidden]
+        assert bool(outputs) == kept
+        for out, ref in zip(outputs, fresh):
+            assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_the_local_target_is_the_dense_block_on_the_compressed_inputs(monkeypatch):
+    """With ``reconstruct_target="local"`` the targets are the block's outputs before the solve, on the block's
+    own (compressed-model) inputs, as the Hessian forward records them; no dense stream is needed."""
+    import optimum_sparsesched.sequential as sequential
+
+    model = tiny_model("llama")
+    inputs = capture_block_inputs(model, torch.randint(1, 500, (4, 32), generator=torch.Generator().manual_seed(0)),
+                                  "cpu")
+    seen = []
+    real = sequential.reconstruct_block
+    monkeypatch.setattr(sequential, "reconstruct_block", lambda w, f, targets, *a, **k: seen.append(
+        [t.clone() for t in targets]) or real(w, f, targets, *a, **k))
+    config = SparseScheduleConfig(**OPTIONS, sparsity=0.5, reconstruct_epochs=1, reconstruct_target="local")
+    with block_visit(model, inputs) as visit:
+        dense = [visit.forward(h) for h in inputs.hidden]
+        compress_block(visit, inputs, {n: 0.5 for n in visit.modules}, config, "torch", DistributedContext())
+    assert len(seen) == 1 and all(torch.equal(t, y) for t, y in zip(seen[0], dense))
 
 
 @pytest.mark.parametrize("name,value", [("reconstruct_epochs", -1), ("reconstruct_epochs", 1.5),
                                         ("reconstruct_epochs", True), ("reconstruct_epochs", 10**6),
                                         ("reconstruct_lr", 0), ("reconstruct_lr", float("nan")),
-                                        ("reconstruct_lr", 2.0), ("reconstruct_lr", "3e-4")])
+                                        ("reconstruct_lr", 2.0), ("reconstruct_lr", "3e-4"),
+                                        ("reconstruct_target", "global"), ("reconstruct_target", None)])
 def test_bad_reconstruction_options_name_the_option(name, value):
     with pytest.raises(ValueError, match=name):
         SparseScheduleConfig(**{name: value})
@@ -119,7 +164,11 @@ def test_reconstruction_is_in_the_quality_preset_only_and_off_in_configs_saved_b
     saved = SparseScheduleConfig(reconstruct_epochs=3).to_dict()
     assert SparseScheduleConfig.from_dict(saved).reconstruct_epochs == 3
     saved.pop("reconstruct_epochs")
-    assert SparseScheduleConfig.from_dict(saved).reconstruct_epochs == 0
+    saved.pop("reconstruct_target")
+    old = SparseScheduleConfig.from_dict(saved)
+    assert old.reconstruct_epochs == 0 and old.reconstruct_target == "dense"  # saved before the options
+    local = SparseScheduleConfig(reconstruct_target="local").to_dict()
+    assert SparseScheduleConfig.from_dict(local).reconstruct_spec().target == "local"
 
 
 def test_the_memory_estimate_counts_the_dense_stream_and_the_optimiser():
