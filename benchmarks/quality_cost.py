@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import EVAL_FILE, wikitext_calibration_text, write_result  # noqa: E402
-from presets import ROWS, SHAKESPEARE  # noqa: E402
+from common import EVAL_FILE, EVAL_TEXTS, wikitext_calibration_text, write_result  # noqa: E402
+from presets import ROWS  # noqa: E402
 
 STAGES = ("capture", "measurement", "search", "hessians", "scan", "solver", "reconstruction", "forwards")
 INNER = ("eigh", "admm", "refit")
@@ -130,7 +130,7 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    texts = {"wikitext2": EVAL_FILE, "shakespeare": [SHAKESPEARE.read_text(encoding="utf-8")]}
+    texts = {"wikitext2": EVAL_FILE, "shakespeare": [EVAL_TEXTS["shakespeare"].read_text(encoding="utf-8")]}
     out = Path(args.out or "benchmarks/results/quality-cost")
     rows = []
     for spec, (name, extra) in zip(args.rows, specs):
