@@ -56,7 +56,12 @@ HEAD_CHUNK = 128
 
 
 def sample_labels(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One label per row of ``probs`` ``[n, V]`` drawn from it -> ``[n, 1]``."""
+    """One label per row of ``probs`` ``[n, V]`` drawn from it -> ``[n, 1]``; non-finite probabilities (a NaN/Inf in
+    the head or the last hidden states) raise ``FloatingPointError`` instead of a silent or cryptic failure."""
+    if not torch.isfinite(probs.sum()):
+        raise FloatingPointError("schedule: the estimated damage of every block is not finite: the model's next-token "
+                                 "probabilities on the probe windows are NaN/Inf (try dtype=torch.float32, or "
+                                 "schedule='uniform')")
     return torch.multinomial(probs, 1, generator=generator)
 
 

@@ -148,7 +148,7 @@ def test_the_block_loop_names_what_a_non_finite_model_breaks(tokenizer):
     model = tiny_model("llama", tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="schedule: the KL damage of block"):
+    with pytest.raises(FloatingPointError, match="schedule: the (KL|estimated) damage of (block|every block)"):
         compress_blocks(model, config(schedule="hessian"), tokenizer)
     model = tiny_model("llama")
     with torch.no_grad():

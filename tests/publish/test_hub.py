@@ -59,7 +59,8 @@ def compressed(tmp_path_factory, tokenizer):
     saved with its card; returns (model, folder)."""
     model = tiny_model("llama")
     model.config._name_or_path = "org/tiny-llama"
-    osp.compress(model, osp.SparseScheduleConfig(sparsity=0.6, bits=4, group_size=32, **SMALL), tokenizer=tokenizer)
+    osp.compress(model, osp.SparseScheduleConfig(sparsity=0.6, sparsity_range=(0.5, 0.7), bits=4, group_size=32,
+                                                  **SMALL), tokenizer=tokenizer)
     osp.record_eval_result(model, 42.5, dataset=CALIBRATION_TEXT, split="test", seq_len=64, windows=2)
     folder = tmp_path_factory.mktemp("saved") / "tiny-llama-sparse"
     model.save_pretrained(folder)
