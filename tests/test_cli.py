@@ -47,7 +47,7 @@ def test_compress_help_shows_every_option_with_its_default_and_choices(capsys):
     assert main(["compress", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     for needle in ("--sparsity SPARSITY target fraction of zeros, 0 <= s < 1 [0.5]", "{hessian,uniform,owl,ramp}",
-                   "[hessian; uniform with --pattern]", "{kl-alone,obs}", "[kl-alone]", "{compact,dense,compressed-tensors}",
+                   "[hessian; uniform with --pattern]", "{fisher,kl-alone,obs}", "[fisher]", "{compact,dense,compressed-tensors}",
                    "[128; embedded: 16]", "[2048; embedded: 512]", "{dense,local}", "[auto]", "[lm_head]", "[0.01]", "[5.0]", "[0.08]"):
         assert needle in text, needle
     parser = build_parser()
