@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..obs.inverse import all_finite
 from ..pipeline.blocks import BlockInputs, find_decoder_blocks, head_and_embeddings_on
 from ..pipeline.hessians import collect_block_hessians
 from ..pipeline.host_memory import release_free_memory
@@ -58,7 +59,7 @@ HEAD_CHUNK = 128
 def sample_labels(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One label per row of ``probs`` ``[n, V]`` drawn from it -> ``[n, 1]``; non-finite probabilities (a NaN/Inf in
     the head or the last hidden states) raise ``FloatingPointError`` instead of a silent or cryptic failure."""
-    if not torch.isfinite(probs.sum()):
+    if not all_finite(probs):
         raise FloatingPointError("schedule: the estimated damage of every block is not finite: the model's next-token "
                                  "probabilities on the probe windows are NaN/Inf (try dtype=torch.float32, or "
                                  "schedule='uniform')")
