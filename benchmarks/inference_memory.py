@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What a compressed model costs in memory and speed once loaded: the dense model, a compressed checkpoint decoded at
-load, and the same checkpoint with ``run_compressed=True`` (Linears kept compact, decoded inside their forward).
+load, and the same checkpoint with ``run_compressed=True`` (Linears kept compact, decoded inside their forward) and,
+for 4-bit rows, ``run_compressed="int4"`` (every weight's 4-bit code run by torch's CPU int4 matmul).
 
 Each case runs in a fresh process (``_case``): the baseline is its resident memory after the imports and the setup
 every case shares (the architecture's modules, imported by building a weightless skeleton of the model on the meta
@@ -83,8 +84,8 @@ def case(args: argparse.Namespace) -> None:
     base = _kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM (the peak) counts from here
     extra = {}
-    if args.mode == "compact":
-        extra["quantization_config"] = optimum_sparsesched.SparseScheduleConfig(run_compressed=True)
+    if args.mode in ("compact", "int4"):
+        extra["quantization_config"] = optimum_sparsesched.SparseScheduleConfig(run_compressed=args.mode)
     dtype = getattr(torch, args.dtype)
     cpu0, start = time.process_time(), time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=dtype, **extra).eval()
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
     folders = [(Path(args.model), "dense")]
     for row in args.rows:
         folder = work / row.replace(":", "of")
-        folders += [(folder, "decoded"), (folder, "compact")]
+        folders += [(folder, "decoded"), (folder, "compact")] + ([(folder, "int4")] if row.endswith("+4") else [])
     rows = []
     for folder, mode in folders:
         command = [sys.executable, __file__, "_case", str(folder), mode, "--dtype", args.dtype, "--tokens",
@@ -127,8 +128,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"\n| checkpoint | mode | decoder weights in memory | vs dense | peak load | peak load + generate | vs dense "
           f"| tokens/s | vs dense | same tokens as decoded |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for i, r in enumerate(rows):
-        same = "-" if r["mode"] != "compact" else str(r["generated"] == rows[i - 1]["generated"])
+    decoded = {r["folder"]: r["generated"] for r in rows if r["mode"] == "decoded"}
+    for r in rows:
+        same = "-" if r["mode"] in ("dense", "decoded") else str(r["generated"] == decoded[r["folder"]])
         print(f"| {r['folder']} | {r['mode']} | {r['decoder_bytes'] / 2**20:.1f} MiB | "
               f"{r['decoder_bytes'] / dense['decoder_bytes']:.1%} | {r['load_peak_kib'] / 1024:.0f} MiB | "
               f"{r['peak_kib'] / 1024:.0f} MiB | {r['peak_kib'] / dense['peak_kib']:.1%} | "
@@ -154,7 +156,7 @@ def main() -> None:
         p.add_argument("--json", type=Path, default=None)
     c = sub.add_parser("_case")
     c.add_argument("folder")
-    c.add_argument("mode", choices=["dense", "decoded", "compact"])
+    c.add_argument("mode", choices=["dense", "decoded", "compact", "int4"])
     c.add_argument("--dtype", default="bfloat16")
     c.add_argument("--tokens", type=int, default=128)
     args = ap.parse_args()

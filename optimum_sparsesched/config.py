@@ -101,8 +101,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         reconstruct_epochs, reconstruct_lr: epochs of block reconstruction after each block (Adam on the kept
             weights, mask fixed, toward the dense block's outputs; kept only when it lowers the block's error;
             :mod:`.obs.reconstruct`), 0 = off, and its learning rate (cosine decay).
-        run_compressed: a loading option (merged into a saved checkpoint's config as GPTQ's are): every compact
-            Linear stays compact in memory, decoded inside its forward (:mod:`.formats.compressed_linear`).
+        run_compressed: a loading option (merged into a saved checkpoint's config): True/``"compact"``, compact
+            Linears decoded in their forward (:mod:`.formats.compressed_linear`); ``"int4"``: :mod:`.formats.int4_kernel`.
         reconstruct_target: what the reconstruction fits: ``"dense"`` (each block's output in the dense model, a
             second stream of hidden states) or ``"local"`` (the dense block on the compressed inputs: no stream).
         results: what a run achieved (:class:`.results.CompressionResults`, or its dict as saved); empty before.
@@ -117,7 +117,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
                  export_format: str = "compact", owl_m: float = 5.0, owl_lambda: float = 0.08,
                  preset: str = "default", solver: str | None = None, search_steps: int | None = None,
                  reconstruct_epochs: int | None = None, reconstruct_lr: float = 1e-3, reconstruct_target: str = "dense",
-                 run_compressed: bool = False,
+                 run_compressed: bool | str = False,
                  results: CompressionResults | dict[str, Any] | None = None, **kwargs: Any) -> None:
         options = {k: v for k, v in locals().items() if k in self._fields()}
         self.quant_method = QUANT_METHOD
@@ -249,7 +249,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
     def check_compression_options(self) -> None:
         """Before compressing: a loading option is refused (``ValueError`` naming it)."""
         if self.run_compressed:
-            raise invalid("run_compressed", True, "False when compressing (a loading option: save, then from_pretrained("
+            raise invalid("run_compressed", self.run_compressed, "False when compressing (a loading option: save, then from_pretrained("
                           "folder, quantization_config=SparseScheduleConfig(run_compressed=True)))")
 
     def _dataset_description(self) -> str:

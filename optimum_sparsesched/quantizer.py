@@ -42,7 +42,8 @@ from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES
 from .formats.compact_load import CompactDeserialize, check_all_loaded
 from .formats.encode import encoded_state_dict
 from .formats.metadata import check_weights_metadata, weights_metadata
-from .formats.run_compressed import compressed_linears, dequantize_model, encode_dense_modules, replace_compact_modules
+from .formats.run_compressed import (check_int4_kernel, compressed_linears, dequantize_model, encode_dense_modules,
+                                     replace_compact_modules, use_int4_kernels)
 from .formats.spec import ExportSpec
 from .pipeline.checkpoint_files import check_shapes, check_weight_files
 from .pipeline.offload import has_offloaded_weights
@@ -87,6 +88,8 @@ class SparseScheduleQuantizer(HfQuantizer):
                 loading.results.grids = config.results.grids  # model keeps this quantizer's config: share one dict
             ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
             model._keys_to_ignore_on_load_unexpected = ignored | {re.escape(REQUIRES_PLUGIN_KEY)}
+            if config.run_compressed == "int4":
+                check_int4_kernel(config.bits)
             if config.run_compressed:
                 replace_compact_modules(model, checkpoint_files or (), config.export_spec(),
                                         config.results.layer_sparsities)
@@ -102,6 +105,8 @@ class SparseScheduleQuantizer(HfQuantizer):
             if config.run_compressed:
                 encode_dense_modules(model, config.export_spec(), config.results.layer_sparsities,
                                      config.results.grids)
+            if config.run_compressed == "int4":
+                use_int4_kernels(model)
         install_save(model, source=None if self.pre_quantized else getattr(model, "name_or_path", None))
         return model
 

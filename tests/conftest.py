@@ -59,15 +59,16 @@ def round_to_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool):
     return w, (torch.cat(scales, 1), torch.cat(zeros, 1))
 
 
-def load_run_compressed(folder, **kwargs):
-    """``from_pretrained(folder, quantization_config=SparseScheduleConfig(run_compressed=True), **kwargs)``, without
+def load_run_compressed(folder, run_compressed=True, **kwargs):
+    """``from_pretrained(folder, quantization_config=SparseScheduleConfig(run_compressed=...), **kwargs)``, without
     transformers' note that only the loading attributes of the passed config are used."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
         return transformers.AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=optimum_sparsesched.SparseScheduleConfig(run_compressed=True), **kwargs)
+            folder, quantization_config=optimum_sparsesched.SparseScheduleConfig(run_compressed=run_compressed),
+            **kwargs)
 
 
 @pytest.fixture(scope="session")

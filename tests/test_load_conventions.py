@@ -123,6 +123,8 @@ def test_device_maps(device_map, checkpoints):
                   load_run_compressed(folder, device_map=device_map)):
         assert model.device.type == "cpu"
         assert torch.equal(model(ids).logits, expected)
+    kernel = load_run_compressed(folder, run_compressed="int4", device_map=device_map)  # the same float32 weights
+    torch.testing.assert_close(kernel(ids).logits, expected, rtol=1e-4, atol=1e-4)       # summed in another order
 
 
 def test_generate_and_pipeline_after_import(checkpoints, tokenizer):
@@ -149,11 +151,13 @@ def test_cli_compress_in_bfloat16_then_eval_with_and_without_dtype(save_tiny, tm
     capsys.readouterr()
     figures = {}
     for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "auto"], ["--dtype", "float16"],
-                  ["--dtype", "bfloat16", "--run-compressed"], ["--run-compressed"]):
+                  ["--dtype", "bfloat16", "--run-compressed"], ["--run-compressed"], ["--run-compressed", "int4"],
+                  ["--dtype", "bfloat16", "--run-compressed", "int4"]):
         assert main(["eval", str(out), "--seq-len", "64", "--max-windows", "2", "--json", *extra]) == 0, extra
         figures[" ".join(extra)] = json.loads(capsys.readouterr().out)["perplexity"]
     assert figures["--dtype bfloat16"] == figures["--dtype auto"] == figures["--dtype bfloat16 --run-compressed"]
     assert figures[""] == figures["--run-compressed"]  # float32, decoded or kept compact
+    assert abs(figures["--run-compressed int4"] / figures[""] - 1) < 1e-4  # the same weights, another summation
     assert all(abs(v / figures[""] - 1) < 0.02 for v in figures.values()), figures
     assert main(["eval", str(src), "--run-compressed"]) == 2
-    assert "`run_compressed`=True is not valid" in capsys.readouterr().err  # a dense model: nothing to keep compact
+    assert "`run_compressed`='compact' is not valid" in capsys.readouterr().err  # a dense model: nothing to keep compact

@@ -180,11 +180,12 @@ def check_model_ref(ref: str | None, tokenizer: str | None = None) -> None:
 
 
 def load_model(ref: str | None, dtype: str, say: Callable[[str], None], tokenizer: str | None = None,
-               source: bool = False, run_compressed: bool = False) -> LoadedModel:
+               source: bool = False, run_compressed: bool | str = False) -> LoadedModel:
     """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` (``"auto"``: the one it
     was saved in; float32 for the embedded model) with its tokenizer (``tokenizer``: another folder or hub id to read
     it from); with ``source``, checked as the source of a compression (:func:`.pipeline.source_check.check_source`);
-    with ``run_compressed``, a checkpoint this package compressed keeps its compact Linears compact in memory."""
+    with ``run_compressed`` (``"compact"``, ``"int4"``), a checkpoint this package compressed keeps its compressed
+    Linears compressed in memory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,7 +205,7 @@ def load_model(ref: str | None, dtype: str, say: Callable[[str], None], tokenize
     if run_compressed:  # a model this package did not compress is refused by the config (a loading option)
         from ..config import SparseScheduleConfig
 
-        extra["quantization_config"] = SparseScheduleConfig(run_compressed=True)
+        extra["quantization_config"] = SparseScheduleConfig(run_compressed=run_compressed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or ref)
         with warnings.catch_warnings():  # transformers' note that only the loading attributes of ours are merged

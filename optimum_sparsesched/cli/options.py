@@ -142,9 +142,11 @@ def build_parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
     _task_options(e)
     e.add_argument("--dtype", default="float32", choices=(*DTYPES, "auto"), help="dtype the model is loaded in; auto: "
                    "the one it was saved in [float32]")
-    e.add_argument("--run-compressed", action="store_true", help="keep the compact Linears of a checkpoint this "
-                   "package saved compact in memory, each decoded inside its forward (same outputs, less memory, "
-                   "slower) [decoded at load]")
+    e.add_argument("--run-compressed", nargs="?", const="compact", default=False, choices=("compact", "int4"),
+                   help="keep the compressed Linears of a checkpoint this package saved compressed in memory: compact "
+                   "(the default when given alone; decoded inside each forward: same outputs, least memory, slower) "
+                   "or int4 (4-bit checkpoints on the CPU: torch's int4 matmul, faster than compact) "
+                   "[decoded at load]")
     e.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH", help="tokenizer folder or hub id [MODEL's own]")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     p = sub.add_parser("push", help="upload a saved compressed checkpoint (with its model card) to the Hub")

@@ -12,6 +12,11 @@ state dict is the compact checkpoint again and a save writes the same tensors:
   ``model.to(dtype)`` does (:meth:`CompressedLinear._apply`);
 - ``bias``: the dense module's parameter.
 
+With ``run_compressed="int4"`` (:meth:`CompressedLinear.use_int4_kernel`, :mod:`.int4_kernel`) a 4-bit module holds
+instead of ``weight_codes`` the code of every weight in the layout of torch's CPU int4 matmul (``int4_codes``) and
+the kernel's scales (``int4_scale_zero``), both left out of the state dict; its forward is that kernel, without a
+decoded weight. Its checkpoint tensors are rebuilt from them for a save (:meth:`CompressedLinear.compact_tensors`).
+
 ``forward(x) = linear(x, W, bias)`` with ``W`` ``[rows, cols]`` decoded by :func:`.fast_decode.decode_into`, bit for
 bit :func:`.compact.decode_weight`'s (which a decoding load writes into the model). The matmul is the dense module's
 own (``F.linear``, or Conv1D's ``addmm`` on the contiguous transposed weight), so outputs equal the decoded model's bit
@@ -28,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..obs.grid import Grid
-from .compact import SUFFIXES, unpack_codes
-from .fast_decode import DecodePlan, decode_into, scratch
+from . import int4_kernel
+from .compact import SUFFIXES, pack_codes, unpack_codes, unpack_mask
+from .fast_decode import DecodePlan, decode_into, dense_codes, scratch
 
 
 class CompressedLinear(nn.Module):
@@ -44,6 +50,7 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym, self.transposed = bits, group_size, sym, transposed
+        self.kernel_group: int | None = None  # the int4 kernel's group once :meth:`use_int4_kernel` ran
         self.register_buffer("weight", torch.empty(0, dtype=dtype, device=tensors["weight_mask"].device))
         for suffix in SUFFIXES:
             if suffix in tensors:
@@ -66,17 +73,26 @@ class CompressedLinear(nn.Module):
         """Number of weights of the dense layer this module stands for."""
         return self.in_features * self.out_features
 
+    #: float buffers that keep their dtype through ``model.to(dtype)``: moved as the integers of their bits
+    _FIXED_DTYPES = {"weight_scale": (torch.bfloat16, torch.int16), "int4_scale_zero": (torch.float32, torch.int32)}
+
     def _apply(self, fn: Any, recurse: bool = True) -> "CompressedLinear":
-        # ``model.to(dtype)`` / ``.half()`` cast float buffers: the grid's bfloat16 scale moves as its int16 bits
-        scale = self._buffers.get("weight_scale")
-        if scale is not None:
-            self._buffers["weight_scale"] = scale.view(torch.int16)
+        # ``model.to(dtype)`` / ``.half()`` cast float buffers: the grid (bfloat16 scale, the kernel's float32
+        # scales) moves as its bits
+        for name, (_, bits) in self._FIXED_DTYPES.items():
+            if self._buffers.get(name) is not None:
+                self._buffers[name] = self._buffers[name].view(bits)
         try:
             return super()._apply(fn, recurse)
         finally:
-            scale = self._buffers.get("weight_scale")
-            if scale is not None and scale.dtype == torch.int16:
-                self._buffers["weight_scale"] = scale.view(torch.bfloat16)
+            for name, (dtype, bits) in self._FIXED_DTYPES.items():
+                if self._buffers.get(name) is not None and self._buffers[name].dtype == bits:
+                    self._buffers[name] = self._buffers[name].view(dtype)
+
+    @property
+    def has_codes(self) -> bool:
+        """Whether the weights are stored as grid codes (not values)."""
+        return hasattr(self, "weight_codes") or self.kernel_group is not None
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave out the decoder's per-device plan
         state = dict(self.__dict__)
@@ -88,12 +104,15 @@ class CompressedLinear(nn.Module):
         as :func:`.compact.compact_module_tensors` gives them for the decoded module."""
         out = {"weight": torch.empty(0, dtype=self.weight.dtype)}
         out.update({k: getattr(self, k).detach().cpu().contiguous() for k in SUFFIXES if hasattr(self, k)})
+        if self.kernel_group is not None:  # the kept codes, read back from the kernel's codes of every weight
+            codes = int4_kernel.kernel_codes(self.int4_codes, self.kernel_group, self.out_features, self.in_features)
+            out["weight_codes"] = pack_codes(codes[unpack_mask(out["weight_mask"], self.in_features)], self.bits)
         return out
 
     def grid(self) -> Grid | None:
         """The grid ``(scale, zero)`` float32 ``[rows, groups]`` of stored codes (as a decoding load records it),
         or None for stored values."""
-        if not hasattr(self, "weight_codes"):
+        if not self.has_codes:
             return None
         scale = self.weight_scale.to(torch.float32)
         zero = getattr(self, "weight_zero", None)
@@ -106,7 +125,7 @@ class CompressedLinear(nn.Module):
         mask = self.weight_mask
         cached = self.__dict__.get("_plan")
         if cached is None or cached[0] != (mask.data_ptr(), mask.device):
-            plan = DecodePlan.of(mask, self.in_features, self.group_size if hasattr(self, "weight_codes") else None)
+            plan = DecodePlan.of(mask, self.in_features, self.group_size if self.has_codes else None)
             self.__dict__["_plan"] = cached = ((mask.data_ptr(), mask.device), plan)
         return cached[1]
 
@@ -114,12 +133,48 @@ class CompressedLinear(nn.Module):
         """The dense weight ``[out_features, in_features]`` in the model dtype: a new tensor, or with ``reuse`` one
         written into this thread's buffer, valid until the next module decodes."""
         out = scratch("weight", self.dense_numel, self.weight.dtype, self.weight_mask.device) if reuse else None
+        codes = getattr(self, "weight_codes", None)
+        if self.kernel_group is not None:
+            codes = self.compact_tensors()["weight_codes"].to(self.weight_mask.device)
         return decode_into(self._decode_plan(), self.weight_mask, self.weight.dtype,
-                           values=getattr(self, "weight_values", None), codes=getattr(self, "weight_codes", None),
+                           values=getattr(self, "weight_values", None), codes=codes,
                            scale=getattr(self, "weight_scale", None), zero=getattr(self, "weight_zero", None),
                            bits=self.bits, out=out)
 
+    def use_int4_kernel(self) -> bool:
+        """``run_compressed="int4"``: hold every weight's 4-bit code in the layout of torch's CPU int4 matmul in place
+        of the kept codes, and run the forward with it (:mod:`.int4_kernel`). Returns False, changing nothing, for a
+        module that cannot: stored values, not 4 bits, not on the CPU, or a shape the kernel does not take."""
+        g = int4_kernel.kernel_group(self.out_features, self.in_features, self.group_size)
+        if (self.kernel_group is not None or self.bits != 4 or not hasattr(self, "weight_codes") or g is None
+                or self.weight_mask.device.type != "cpu"):
+            return False
+        scale, zero = self.grid()
+        with torch.no_grad():
+            codes = dense_codes(self._decode_plan(), self.weight_mask, self.weight_codes, zero, self.bits,
+                                self.group_size)
+            self.register_buffer("int4_codes", int4_kernel.pack(codes), persistent=False)
+            self.register_buffer("int4_scale_zero",
+                                 int4_kernel.scale_zero(scale, zero, self.in_features, self.group_size, g),
+                                 persistent=False)
+        del self.weight_codes
+        self.kernel_group = g
+        return True
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.int4_codes.device.type != "cpu":
+            raise RuntimeError(f"run_compressed='int4' runs on the CPU (torch's int4 matmul); this input is on "
+                               f"{x.device}: load with run_compressed=True (the compact form) for another device")
+        # torch's int4 matmul has no derivative: a backward through it raises torch's "not implemented" error
+        y = int4_kernel.matmul(x.reshape(-1, self.in_features), self.int4_codes, self.kernel_group,
+                               self.int4_scale_zero)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).view(x.shape[:-1] + (self.out_features,))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_group is not None:
+            return self._kernel_forward(x)
         # the reused buffer only when autograd keeps no reference to the weight for a backward
         weight = self.decode(reuse=not (torch.is_grad_enabled() and x.requires_grad))
         if self.transposed:  # transformers' Conv1D.forward, on its [in, out] weight
@@ -143,8 +198,9 @@ class CompressedLinear(nn.Module):
         return dense
 
     def extra_repr(self) -> str:
-        stored = sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in SUFFIXES if hasattr(self, k))
-        codes = hasattr(self, "weight_codes")
-        grid = f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}" if codes else "values"
+        stored = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        grid = f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}" if self.has_codes else "values"
+        if self.kernel_group is not None:
+            grid += f", int4_kernel_group={self.kernel_group}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {grid}, "
                 f"bias={self.bias is not None}, compact_bytes={stored}")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..obs.grid import column_groups
 from .compact import unpack_codes
 
 #: ``_BITS[b, i]``: bit ``i`` of byte ``b`` (the mask's little-endian bit order inside a byte)
@@ -137,3 +138,14 @@ def decode_into(plan: DecodePlan, mask: torch.Tensor, dtype: torch.dtype, values
         out = torch.empty(plan.rows * plan.cols, dtype=dtype, device=mask.device)
     torch.index_select(table, 0, k.view(-1), out=out.view(-1))
     return out.view(plan.rows, plan.cols)
+
+
+def dense_codes(plan: DecodePlan, mask: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, bits: int,
+                group_size: int) -> torch.Tensor:
+    """The code of every weight (uint8 ``[rows, cols]``): a kept weight's stored code, a pruned weight's group zero
+    point (``zero`` float32 ``[rows, groups]``), which decodes to 0 (:mod:`.int4_kernel`)."""
+    k, _ = plan.kept_index(mask)
+    table = torch.cat([codes.new_zeros(1), unpack_codes(codes, bits, plan.nnz)])
+    kept = torch.index_select(table, 0, k.view(-1)).view(plan.rows, plan.cols)
+    zeros = zero.to(torch.uint8)[:, column_groups(plan.cols, group_size, mask.device)]
+    return torch.where(k == 0, zeros, kept)

@@ -14,10 +14,14 @@ transformers merges into the checkpoint's own config (``get_loading_attributes``
    tensors on disk), encode each compressed Linear now, one at a time (the load itself then peaks at the dense model).
 
 A module the checkpoint stores densely (compact would not be smaller) stays an ``nn.Linear``.
+
+``run_compressed="int4"`` (a 4-bit checkpoint, on the CPU) then converts each 4-bit ``CompressedLinear`` to the layout
+of torch's int4 matmul (:func:`use_int4_kernels`, :mod:`.int4_kernel`): faster than decoding, larger than compact.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -25,10 +29,13 @@ from torch import nn
 
 from ..obs.grid import Grid
 from ..pipeline.plan import weight_matrix
+from . import int4_kernel
 from .compact import SUFFIXES, compact_module_tensors
 from .compressed_linear import CompressedLinear
 from .metadata import read_safetensors_header
 from .spec import ExportSpec
+
+logger = logging.getLogger(__name__)
 
 #: safetensors dtype names of the tensors a compact checkpoint holds
 _DTYPES = {"U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -102,6 +109,29 @@ def encode_dense_modules(model: nn.Module, spec: ExportSpec, names: Iterable[str
         _set_submodule(model, name, CompressedLinear.replacing(module, tensors, spec.bits, spec.group_size, spec.sym))
         replaced.append(name)
     return replaced
+
+
+def check_int4_kernel(bits: int | None) -> None:
+    """Before loading with ``run_compressed="int4"``: the checkpoint has 4-bit codes (``bits``) and torch the
+    kernel; else a ``ValueError`` naming the option and its values."""
+    if bits != 4:
+        raise ValueError(f"run_compressed='int4' runs 4-bit codes; this checkpoint stores bits={bits}. Allowed for it: "
+                         "run_compressed=True or 'compact' (decoded inside each forward) or False (decoded at load)")
+    if not int4_kernel.kernel_available():
+        raise ValueError(f"run_compressed='int4' needs torch's CPU int4 matmul, which torch {torch.__version__} lacks; "
+                         "use run_compressed=True or 'compact'")
+
+
+def use_int4_kernels(model: nn.Module) -> list[str]:
+    """After a ``run_compressed="int4"`` load: every 4-bit ``CompressedLinear`` on the CPU whose shape the kernel
+    takes holds its codes in the kernel's layout (:meth:`.compressed_linear.CompressedLinear.use_int4_kernel`), one
+    module at a time. Returns the names of the modules left in the compact form (a warning names them)."""
+    left = [name for name, module in compressed_linears(model).items() if not module.use_int4_kernel()]
+    if left:
+        logger.warning("run_compressed='int4': %d compressed Linears stay in the compact form (decoded in their "
+                       "forward): the kernel needs 4-bit codes on the CPU, rows a multiple of 16 and groups of 32, "
+                       "64, 128 or 256 columns; e.g. %s", len(left), ", ".join(left[:3]))
+    return left
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

@@ -25,8 +25,8 @@ _KWARGS = """
 Args:
     predictions (list[str]): the texts.
     model: a transformers causal LM object, or a model folder / hub id (loaded in float32).
-    run_compressed (bool, False): with a path compressed by optimum-sparsesched, keep its compact Linears compact in
-        memory (SparseScheduleConfig(run_compressed=True)).
+    run_compressed (bool or str, False): with a path compressed by optimum-sparsesched, keep its compressed Linears
+        compressed in memory: True/"compact" or "int4" (SparseScheduleConfig(run_compressed=...)).
     tokenizer: a tokenizer object or name/path (default: the model's path).
     protocol (str): "per-text" (default, the Hub `perplexity` metric's) or "sparsegpt".
     per-text: batch_size (int, 16), add_start_token (bool, True), max_length (int, default the model's positions).
@@ -62,7 +62,7 @@ class SparsePerplexity(evaluate.Metric):
             if run_compressed:
                 from optimum_sparsesched.config import SparseScheduleConfig
 
-                extra["quantization_config"] = SparseScheduleConfig(run_compressed=True)
+                extra["quantization_config"] = SparseScheduleConfig(run_compressed=run_compressed)
             with warnings.catch_warnings():  # transformers' note that only our loading attributes are merged
                 warnings.filterwarnings("ignore", message="You passed `quantization_config`")
                 model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **extra)
