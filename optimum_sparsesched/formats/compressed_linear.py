@@ -73,20 +73,20 @@ class CompressedLinear(nn.Module):
         """Number of weights of the dense layer this module stands for."""
         return self.in_features * self.out_features
 
-    #: float buffers that keep their dtype through ``model.to(dtype)``: moved as the integers of their bits
-    _FIXED_DTYPES = {"weight_scale": (torch.bfloat16, torch.int16), "int4_scale_zero": (torch.float32, torch.int32)}
+    #: float buffers that keep their dtype through ``model.to(dtype)`` (moved as the integers of their bits): the
+    #: grid's bfloat16 scale, and the kernel's scales (rebuilt from the grid for a new model dtype instead)
+    _FIXED_DTYPES = ("weight_scale", "int4_scale_zero")
+    _SAME_SIZE_INTS = {2: torch.int16, 4: torch.int32}
 
     def _apply(self, fn: Any, recurse: bool = True) -> "CompressedLinear":
-        # ``model.to(dtype)`` / ``.half()`` cast float buffers: the grid (bfloat16 scale, the kernel's float32
-        # scales) moves as its bits
-        for name, (_, bits) in self._FIXED_DTYPES.items():
-            if self._buffers.get(name) is not None:
-                self._buffers[name] = self._buffers[name].view(bits)
+        kept = {name: self._buffers[name].dtype for name in self._FIXED_DTYPES if self._buffers.get(name) is not None}
+        for name, dtype in kept.items():
+            self._buffers[name] = self._buffers[name].view(self._SAME_SIZE_INTS[dtype.itemsize])
         try:
             return super()._apply(fn, recurse)
         finally:
-            for name, (dtype, bits) in self._FIXED_DTYPES.items():
-                if self._buffers.get(name) is not None and self._buffers[name].dtype == bits:
+            for name, dtype in kept.items():
+                if not self._buffers[name].is_floating_point():
                     self._buffers[name] = self._buffers[name].view(dtype)
 
     @property
@@ -154,12 +154,21 @@ class CompressedLinear(nn.Module):
             codes = dense_codes(self._decode_plan(), self.weight_mask, self.weight_codes, zero, self.bits,
                                 self.group_size)
             self.register_buffer("int4_codes", int4_kernel.pack(codes), persistent=False)
-            self.register_buffer("int4_scale_zero",
-                                 int4_kernel.scale_zero(scale, zero, self.in_features, self.group_size, g),
-                                 persistent=False)
         del self.weight_codes
         self.kernel_group = g
+        self._kernel_scale_zero()
         return True
+
+    def _kernel_scale_zero(self) -> torch.Tensor:
+        """The kernel's ``(S, Z)`` in the kernel dtype of the model dtype (:func:`.int4_kernel.kernel_dtype`), rebuilt
+        from the grid after a ``model.to(dtype)`` that changes it."""
+        dtype = int4_kernel.kernel_dtype(self.weight.dtype)
+        sz = self._buffers.get("int4_scale_zero")
+        if sz is None or sz.dtype != dtype:
+            scale, zero = self.grid()
+            sz = int4_kernel.scale_zero(scale, zero, self.in_features, self.group_size, self.kernel_group, dtype)
+            self.register_buffer("int4_scale_zero", sz, persistent=False)
+        return sz
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or self.int4_codes.device.type != "cpu":
@@ -167,7 +176,7 @@ class CompressedLinear(nn.Module):
                                f"{x.device}: load with run_compressed=True (the compact form) for another device")
         # torch's int4 matmul has no derivative: a backward through it raises torch's "not implemented" error
         y = int4_kernel.matmul(x.reshape(-1, self.in_features), self.int4_codes, self.kernel_group,
-                               self.int4_scale_zero)
+                               self._kernel_scale_zero())
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).view(x.shape[:-1] + (self.out_features,))

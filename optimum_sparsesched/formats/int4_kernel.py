@@ -10,10 +10,16 @@ columns (``g`` in 32, 64, 128, 256) and row a pair ``(S, Z)``; it computes ``y =
 
 With ``Q`` the stored code where a weight is kept and ``z`` where it is pruned, ``S = s`` and ``Z = (8 − z) · s``,
 this is ``s · (Q − z)``: the value :func:`.compact.decode_weight` computes in float32 before its cast to the model
-dtype (``s`` is a bfloat16 value, ``8 − z`` an integer of at most 4 bits: both products are exact in float32, and
-so is their sum), 0 exactly for a pruned weight. ``x`` is cast to float32 for the kernel and the output back to the
-model dtype: the result differs from the decoded model's only by that model's rounding of ``W`` (float32 model:
-the same weights, summed in another order).
+dtype, 0 for a pruned weight. The kernel computes in the dtype of ``x`` and ``(S, Z)`` (:func:`kernel_dtype`):
+
+- **bfloat16** for a bfloat16 model (on CPUs without native float32 int4 code paths the float32 kernel is several
+  times slower than a dense matmul, the bfloat16 one faster). ``S = s`` is exact (the grid's scale is bfloat16);
+  ``Z`` and the kernel's products are rounded to bfloat16, as the decoded bfloat16 model rounds ``W``: each weight
+  within ``|8 − z| · s · 2⁻⁹ ≤ s / 64`` of its float32 value (a sixty-fourth of a quantization step), a pruned
+  weight of an asymmetric grid within that of 0 (of a symmetric grid, ``Z = 0``: exactly 0);
+- **float32** otherwise: ``s`` has an 8-bit significand and ``8 − z`` at most 4 bits, so both products and their
+  sum are exact: the decoded model's float32 weights, pruned weights exactly 0 (a float16 model's input is cast to
+  float32 and the output back).
 
 Per weight in memory: 4 bits of code, the bitmask's 1 bit (kept for saving the checkpoint again) and
 ``64 / g`` bits of ``(S, Z)``, against the compact form's ``1 + 4 · density`` bits; the forward reads the codes
@@ -57,17 +63,24 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
 
 
-def scale_zero(scale: torch.Tensor, zero: torch.Tensor, cols: int, group_size: int, g: int) -> torch.Tensor:
-    """The kernel's ``(S, Z)`` float32 ``[cols/g, rows, 2]`` from the grid ``scale``, ``zero`` (float32
-    ``[rows, groups]``): ``S = s``, ``Z = (8 − z) · s`` of the grid group holding each kernel group."""
+def scale_zero(scale: torch.Tensor, zero: torch.Tensor, cols: int, group_size: int, g: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The kernel's ``(S, Z)`` ``[cols/g, rows, 2]`` in ``dtype`` from the grid ``scale``, ``zero`` (float32
+    ``[rows, groups]``): ``S = s``, ``Z = (8 − z) · s`` (computed in float32, then cast) of the grid group holding
+    each kernel group."""
     grid_group = column_groups(cols, group_size, scale.device)[::g]  # [cols/g]
     s = scale[:, grid_group].t()
-    return torch.stack([s, (8.0 - zero[:, grid_group].t()) * s], dim=-1).contiguous()
+    return torch.stack([s, (8.0 - zero[:, grid_group].t()) * s], dim=-1).to(dtype).contiguous()
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel computes in for a model in ``dtype``: bfloat16 for bfloat16, else float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, g: int, sz: torch.Tensor) -> torch.Tensor:
-    """``x Wᵀ`` float32 ``[n, rows]`` for ``x`` ``[n, cols]`` (any float dtype; computed in float32)."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.float32).contiguous(), packed, g, sz)
+    """``x Wᵀ`` ``[n, rows]`` in ``sz``'s dtype for ``x`` ``[n, cols]`` (any float dtype, cast to ``sz``'s)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(sz.dtype).contiguous(), packed, g, sz)
 
 
 def kernel_codes(packed: torch.Tensor, g: int, rows: int, cols: int) -> torch.Tensor:
