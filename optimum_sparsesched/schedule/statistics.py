@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -68,8 +69,16 @@ def saliencies(W: torch.Tensor, H: torch.Tensor | InverseHessian, damp: float = 
 
 
 def local_loss_curve(eps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``L(s) = ½ Σ`` of the ``s``-fraction of smallest saliencies, for each ``s`` in ``grid`` -> float64 ``[len(grid)]``."""
-    flat = torch.sort(eps.flatten().double()).values
+    """``L(s) = ½ Σ`` of the ``s``-fraction of smallest saliencies, for each ``s`` in ``grid`` -> float64 ``[len(grid)]``.
+
+    The saliencies are sorted as they are (float32 values: the same order in float64) and summed in float64; on the
+    CPU by numpy's sort (SIMD: ~14× faster than ``torch.sort`` for a 576×1536 module here), elsewhere by torch's."""
+    flat = eps.detach().flatten()
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    if flat.device.type == "cpu":
+        flat = torch.from_numpy(np.sort(flat.numpy())).double()
+    else:
+        flat = torch.sort(flat).values.double()
     csum = torch.cat([torch.zeros(1, dtype=torch.float64, device=flat.device), torch.cumsum(flat, 0)])
     idx = torch.round(grid.double().to(flat.device) * flat.numel()).long().clamp(0, flat.numel())
     return 0.5 * csum[idx].cpu()

@@ -128,6 +128,18 @@ def test_local_loss_curve_sums_smallest_saliencies():
     assert curve.tolist() == [0.0, 0.5, 1.5, 5.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_local_loss_curve_equals_the_float64_sort(dtype):
+    g = torch.Generator().manual_seed(0)
+    eps = (torch.rand(37, 211, generator=g) ** 3).to(dtype)
+    eps[:, ::7] = 0  # dead inputs and ties
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    flat = torch.sort(eps.float().double().flatten()).values
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(flat, 0)])
+    expected = 0.5 * csum[torch.round(grid * flat.numel()).long()]
+    assert torch.equal(local_loss_curve(eps, grid), expected)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", [
     dict(schedule="hessian"), dict(schedule="hessian", error_metric="kl-alone"),
