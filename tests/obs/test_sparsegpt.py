@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import solve
 from optimum_sparsesched.obs.grid import QuantGrid
@@ -132,3 +134,36 @@ def test_loss_estimate_tracks_true_error():
     W, X, H = correlated_layer()
     losses = [solve(W, H, s).loss for s in (0.3, 0.5, 0.7)]
     assert losses[0] < losses[1] < losses[2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 400), fraction=st.floats(0.0, 1.0), ties=st.integers(0, 4), seed=st.integers(0, 10**6),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_k_smallest_are_topks_and_ties_go_by_index(n, fraction, ties, seed, dtype):
+    from optimum_sparsesched.obs.columns import smallest_
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n, generator=g, dtype=dtype)
+    if ties:  # a few distinct values only: every selection boundary is a tie
+        values = torch.randint(0, ties, (n,), generator=g).to(dtype)
+    k = round(fraction * n)
+    mask = torch.zeros(n, dtype=torch.bool)
+    smallest_(mask, values, k)
+    assert int(mask.sum()) == k
+    if k:
+        t = values[mask].max()
+        assert bool((values[~mask] >= t).all()) and bool((values < t)[~mask].logical_not().all())
+        chosen_ties = (values == t) & mask
+        left_ties = (values == t) & ~mask
+        if left_ties.any():  # ties go to the lower indices
+            assert int(chosen_ties.nonzero().max()) < int(left_ties.nonzero().min())
+    if not ties:  # distinct values: the same set as torch.topk
+        reference = torch.zeros(n, dtype=torch.bool)
+        if k:
+            reference[torch.topk(values, k, largest=False).indices] = True
+        assert torch.equal(mask, reference)
+    nan = values.clone()
+    nan[0] = float("nan")
+    short = torch.zeros(n, dtype=torch.bool)
+    smallest_(short, nan, n)  # NaN: numpy's selection comes short, torch.topk's takes over
+    assert int(short.sum()) == n
