@@ -30,14 +30,15 @@ def compressed_linear(rows, cols, group_size, sym, density, seed=0, bits=4):
 
 @pytest.mark.parametrize("rows,cols,group_size,sym,density", [
     (16, 64, 32, False, 0.3), (32, 96, 32, True, 0.5), (48, 128, -1, False, 0.0), (16, 256, 64, True, 1.0),
-    (64, 192, 64, False, 0.3), (16, 512, 256, False, 0.7)])
+    (64, 192, 64, False, 0.3), (16, 512, 256, False, 0.7), (16, 1280, 128, False, 0.3)])  # 1280: read back in 2 chunks
 def test_the_kernel_computes_the_decoded_weights_and_gives_the_tensors_back(rows, cols, group_size, sym, density):
     module, tensors, w = compressed_linear(rows, cols, group_size, sym, density)
     x = torch.randn(5, 3, cols)
     assert module.use_int4_kernel() and module.kernel_group == int4_kernel.kernel_group(rows, cols, group_size)
     assert not hasattr(module, "weight_codes") and module.has_codes
-    assert set(module.state_dict()) == {k for k in tensors if k != "weight_codes"} | {"bias", "weight"}  # kernel buffers
-    expected = torch.nn.functional.linear(x, w, module.bias)                                    # are not saved
+    saved = {k for k in tensors if k != "weight_codes"} | {"bias", "weight"}
+    assert set(module.state_dict()) == saved  # the kernel's buffers are not saved
+    expected = torch.nn.functional.linear(x, w, module.bias)
     torch.testing.assert_close(module(x), torch.nn.functional.linear(x, w, module.bias), rtol=1e-5, atol=1e-5)
     again = module.compact_tensors()
     assert again.keys() - {"weight"} == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
