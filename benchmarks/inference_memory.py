@@ -9,7 +9,9 @@ device; the tokenizer, loaded and the prompt encoded: about 46 MiB, not the mode
 the model (peak resident memory above the baseline during the load), measures the bytes of the decoder's weights
 as they sit in memory (parameters and buffers of the decoder blocks), generates ``--tokens`` tokens greedily from a
 short prompt (peak above the baseline over load + generate, tokens/s over the generated tokens, CPU seconds), and
-prints the generated ids (the compact model must produce the decoded one's tokens).
+prints the generated ids (the compact model must produce the decoded one's tokens). Two peaks: ``VmHWM`` (all
+resident pages, the file-backed pages of the mmapped checkpoint included, which the kernel can drop) and the
+anonymous memory the process allocated (``RssAnon``, sampled every 10 ms: :class:`AnonPeak`).
 
     # 1. the checkpoints (SparseGPT scan, uniform schedule, a short calibration: their quality is not the point)
     python benchmarks/inference_memory.py prepare MODEL_DIR WORK_DIR [--rows 0.5 0.7 0.7+4 2:4+4]
@@ -27,6 +29,7 @@ import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +72,26 @@ def _kib(key: str) -> int:
     return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
+class AnonPeak:
+    """The peak of the process's anonymous resident memory (``RssAnon``: what the process allocated, without the
+    file-backed pages of mmapped checkpoints that ``VmHWM`` also counts), sampled every ``interval`` seconds in a
+    thread (a spike shorter than that can be missed)."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.peak, self.interval, self._stop = _kib("RssAnon"), interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _kib("RssAnon"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _kib("RssAnon"))
+
+
 def case(args: argparse.Namespace) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
     import torch
@@ -81,16 +104,18 @@ def case(args: argparse.Namespace) -> None:
         transformers.AutoModelForCausalLM.from_config(config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.folder)  # ~46 MiB, the same for every case
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    base = _kib("VmRSS")
+    base, base_anon = _kib("VmRSS"), _kib("RssAnon")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM (the peak) counts from here
     extra = {}
     if args.mode in ("compact", "int4"):
         extra["quantization_config"] = optimum_sparsesched.SparseScheduleConfig(run_compressed=args.mode)
     dtype = getattr(torch, args.dtype)
+    anon = AnonPeak()
     cpu0, start = time.process_time(), time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=dtype, **extra).eval()
     load_s, load_cpu = time.perf_counter() - start, time.process_time() - cpu0
-    load_peak = _kib("VmHWM") - base
+    load_peak, load_anon_peak = _kib("VmHWM") - base, anon.stop() - base_anon
+    anon = AnonPeak()
     held = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if ".layers." in n}
     decoder_bytes = sum(t.numel() * t.element_size() for t in held.values())
     with torch.no_grad():
@@ -98,10 +123,13 @@ def case(args: argparse.Namespace) -> None:
         cpu0, start = time.process_time(), time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
         gen_s, gen_cpu = time.perf_counter() - start, time.process_time() - cpu0
+    anon_peak = max(load_anon_peak, anon.stop() - base_anon)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"folder": Path(args.folder).name, "mode": args.mode, "dtype": args.dtype,
                       "threads": torch.get_num_threads(), "baseline_kib": base, "load_peak_kib": load_peak,
                       "peak_kib": _kib("VmHWM") - base, "held_after_kib": _kib("VmRSS") - base,
+                      "load_anon_peak_kib": load_anon_peak, "anon_peak_kib": anon_peak,
+                      "rss_file_after_kib": _kib("RssFile"),
                       "decoder_bytes": decoder_bytes, "load_s": load_s, "load_cpu_s": load_cpu,
                       "tokens": args.tokens, "generate_s": gen_s, "generate_cpu_s": gen_cpu,
                       "tokens_per_s": args.tokens / gen_s, "process_cpu_s": usage.ru_utime + usage.ru_stime,
@@ -126,14 +154,15 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "generated"}), flush=True)
     dense = rows[0]
     print(f"\n| checkpoint | mode | decoder weights in memory | vs dense | peak load | peak load + generate | vs dense "
-          f"| tokens/s | vs dense | same tokens as decoded |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"| anonymous peak | vs dense | tokens/s | vs dense | same tokens as decoded |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     decoded = {r["folder"]: r["generated"] for r in rows if r["mode"] == "decoded"}
     for r in rows:
         same = "-" if r["mode"] in ("dense", "decoded") else str(r["generated"] == decoded[r["folder"]])
         print(f"| {r['folder']} | {r['mode']} | {r['decoder_bytes'] / 2**20:.1f} MiB | "
               f"{r['decoder_bytes'] / dense['decoder_bytes']:.1%} | {r['load_peak_kib'] / 1024:.0f} MiB | "
               f"{r['peak_kib'] / 1024:.0f} MiB | {r['peak_kib'] / dense['peak_kib']:.1%} | "
+              f"{r['anon_peak_kib'] / 1024:.0f} MiB | {r['anon_peak_kib'] / dense['anon_peak_kib']:.1%} | "
               f"{r['tokens_per_s']:.2f} | {r['tokens_per_s'] / dense['tokens_per_s']:.2f}x | {same} |")
     if args.json:
         write_result(args.json, {"dtype": args.dtype, "tokens": args.tokens, "rows": rows,
