@@ -104,10 +104,17 @@ class CompressedLinear(nn.Module):
         as :func:`.compact.compact_module_tensors` gives them for the decoded module."""
         out = {"weight": torch.empty(0, dtype=self.weight.dtype)}
         out.update({k: getattr(self, k).detach().cpu().contiguous() for k in SUFFIXES if hasattr(self, k)})
-        if self.kernel_group is not None:  # the kept codes, read back from the kernel's codes of every weight
-            codes = int4_kernel.kernel_codes(self.int4_codes, self.kernel_group, self.out_features, self.in_features)
-            out["weight_codes"] = pack_codes(codes[unpack_mask(out["weight_mask"], self.in_features)], self.bits)
+        if self.kernel_group is not None:
+            out["weight_codes"] = self._kept_codes().cpu()
         return out
+
+    def _kept_codes(self) -> torch.Tensor | None:
+        """The packed codes of the kept weights (``weight_codes``), or None for stored values; with the int4 kernel
+        read back from its codes of every weight (``cols² · rows`` multiply-adds: for a save or a decode)."""
+        if self.kernel_group is None:
+            return getattr(self, "weight_codes", None)
+        codes = int4_kernel.kernel_codes(self.int4_codes, self.kernel_group, self.out_features, self.in_features)
+        return pack_codes(codes[unpack_mask(self.weight_mask.cpu(), self.in_features)], self.bits)
 
     def grid(self) -> Grid | None:
         """The grid ``(scale, zero)`` float32 ``[rows, groups]`` of stored codes (as a decoding load records it),
@@ -133,11 +140,8 @@ class CompressedLinear(nn.Module):
         """The dense weight ``[out_features, in_features]`` in the model dtype: a new tensor, or with ``reuse`` one
         written into this thread's buffer, valid until the next module decodes."""
         out = scratch("weight", self.dense_numel, self.weight.dtype, self.weight_mask.device) if reuse else None
-        codes = getattr(self, "weight_codes", None)
-        if self.kernel_group is not None:
-            codes = self.compact_tensors()["weight_codes"].to(self.weight_mask.device)
         return decode_into(self._decode_plan(), self.weight_mask, self.weight.dtype,
-                           values=getattr(self, "weight_values", None), codes=codes,
+                           values=getattr(self, "weight_values", None), codes=self._kept_codes(),
                            scale=getattr(self, "weight_scale", None), zero=getattr(self, "weight_zero", None),
                            bits=self.bits, out=out)
 

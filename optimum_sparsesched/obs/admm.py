@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .columns import smallest_
 from .inverse import InverseHessian
 from .spec import PruneSpec
 
@@ -108,13 +109,10 @@ def project(Z: torch.Tensor, spec: PruneSpec) -> torch.Tensor:
     rows, cols = Z.shape
     magnitude = Z.abs()
     if spec.nm is None:
+        mask = torch.zeros_like(Z, dtype=torch.bool)
         k = round(spec.sparsity * Z.numel())
-        if k == 0:
-            return torch.zeros_like(Z, dtype=torch.bool)
-        threshold = torch.kthvalue(magnitude.flatten(), k).values  # linear time, unlike a top-k of this size
-        mask = magnitude < threshold
-        ties = (magnitude == threshold).flatten().nonzero().squeeze(1)
-        mask.view(-1)[ties[: k - int(mask.sum())]] = True
+        if k:  # the scan's selection rule (linear time on the CPU, unlike a top-k of this size)
+            smallest_(mask.view(-1), magnitude.flatten(), k)
         return mask
     n, m = spec.nm
     groups = magnitude.view(rows, cols // m, m)

@@ -34,7 +34,8 @@ def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, k: int) -> torch.Tensor
 
 
 def smallest_(mask: torch.Tensor, values: torch.Tensor, k: int) -> None:
-    """Set in ``mask`` (bool, like ``values`` ``[n]``) the ``k`` smallest ``values``. On the CPU through numpy's
+    """Set in ``mask`` (bool, like ``values`` ``[n]``) the ``k`` smallest ``values`` (the one k-smallest rule of the
+    scan and of ADMM's projection, :func:`.admm.project`). On the CPU through numpy's
     selection (``np.partition``: the ``k``-th smallest ``t``, then every value below ``t`` and the first of those
     equal to ``t`` in index order; ~60× faster than ``torch.topk`` on a 1536×128 block here), elsewhere (or when
     non-finite values make the selection short) ``torch.topk``'s."""
