@@ -16,10 +16,12 @@ For a weight ``W`` ``[rows, cols]`` stored as a bitmask ``[rows, ⌈cols/8⌉]``
    ``(row, group)``, which is the same arithmetic done once per code value;
 4. ``W = v[k]``: one gather.
 
-Work and memory per call: a few passes over ``rows · cols`` bytes and int32, and over the ``nnz`` kept weights; the
-buffers (mask, indices, values, and the weight itself unless autograd needs it) are per thread and device, sized to
-the largest module, so a model in a forward holds one decoded weight at a time. Nothing per weight is kept between
-calls: the resident model stays as small as the compact checkpoint.
+Steps 1-4 run on row chunks of about :data:`DECODE_CHUNK` weights (rows are independent: the chunk ``[r₀, r₁)``
+holds the kept weights ``starts[r₀] … starts[r₁] − 1``), so the mask, index and value buffers stay the size of a
+chunk. Work and memory per call: a few passes over ``rows · cols`` bytes and int32, and over the ``nnz`` kept
+weights; the buffers (per chunk, and the weight itself unless autograd needs it) are per thread and device, so a
+model in a forward holds one decoded weight at a time. Nothing per weight is kept between calls: the resident model
+stays as small as the compact checkpoint.
 """
 
 from __future__ import annotations
@@ -49,21 +51,30 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buffer[:numel]
 
 
+#: weights per row chunk of the decoder: its buffers take ~5.5 bytes per weight and ~11 per kept one (≈ 9 MB at 30%
+#: kept) instead of growing with the largest module (a 7B model's 11008×4096 MLP: 250 MB); each chunk costs a few
+#: small ops (~0.4 ms on a 2-core CPU), so modules up to 2²⁰ weights decode in one piece
+DECODE_CHUNK = 2**20
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """What the decoder keeps per module between calls (a few bytes per row): ``starts`` int32/int64 ``[rows, 1]``
-    (kept weights before each row), ``nnz`` (kept weights), and the last column of each quantization group
-    (``ends``, a ``[groups]`` index; None without codes)."""
+    (kept weights before each row), ``nnz`` (kept weights), the last column of each quantization group (``ends``, a
+    ``[groups]`` index; None without codes) and the row chunks ``(r₀, r₁, a, b)``: rows ``[r₀, r₁)`` hold the kept
+    weights ``[a, b)``."""
 
     rows: int
     cols: int
     starts: torch.Tensor
     nnz: int
     ends: torch.Tensor | None
+    chunks: tuple[tuple[int, int, int, int], ...]
 
     @classmethod
-    def of(cls, mask: torch.Tensor, cols: int, group_size: int | None) -> "DecodePlan":
-        """The plan of a checked ``mask`` ``[rows, ⌈cols/8⌉]`` uint8; ``group_size`` None: values are stored."""
+    def of(cls, mask: torch.Tensor, cols: int, group_size: int | None, chunk: int = DECODE_CHUNK) -> "DecodePlan":
+        """The plan of a checked ``mask`` ``[rows, ⌈cols/8⌉]`` uint8; ``group_size`` None: values are stored;
+        ``chunk``: weights per row chunk (at least one row)."""
         rows = mask.shape[0]
         index = torch.int32 if rows * cols + 1 < 2**31 else torch.int64
         per_row = _POPCOUNT.to(mask.device)[mask.long()].sum(1)
@@ -72,23 +83,31 @@ class DecodePlan:
         if group_size is not None:
             size = cols if group_size == -1 else group_size
             ends = (torch.arange(size, cols + size, size, device=mask.device).clamp(max=cols) - 1)
-        return cls(rows, cols, starts, int(per_row.sum()), ends)
+        step = max(1, chunk // max(cols, 1))
+        bounds = list(range(0, rows, step)) + [rows]
+        at = torch.cat([starts.view(-1), per_row.sum().view(1).to(index)])[bounds].tolist() if rows else [0]
+        chunks = tuple((r0, r1, at[i], at[i + 1]) for i, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])))
+        return cls(rows, cols, starts, int(per_row.sum()), ends, chunks)
 
-    def kept_index(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Steps 1-2: ``k`` ``[rows, cols]`` (a reused buffer) and, with groups, the kept count of every
-        ``(row, group)`` in row-major order ``[rows · groups]`` int64."""
-        rows, cols, stored = self.rows, self.cols, mask.shape[1]
+    def kept_index(self, mask: torch.Tensor, r0: int = 0, r1: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 1-2 for rows ``[r0, r1)`` (default: all): ``k`` ``[r1 − r0, cols]`` (a reused buffer), the index
+        among the kept weights from ``starts[r0]`` on, and, with groups, the kept count of every ``(row, group)`` in
+        row-major order ``[(r1 − r0) · groups]`` int64."""
+        r1 = self.rows if r1 is None else r1
+        rows, cols, stored = r1 - r0, self.cols, mask.shape[1]
         bits = scratch("mask", rows * stored * 8, torch.bool, mask.device).view(rows * stored, 8)
-        stored_bytes = scratch("bytes", rows * stored, torch.int32, mask.device).copy_(mask.view(-1))
+        stored_bytes = scratch("bytes", rows * stored, torch.int32, mask.device).copy_(mask[r0:r1].reshape(-1))
         torch.index_select(_bits_on(mask.device), 0, stored_bytes, out=bits)
         bits = bits.view(rows, stored * 8)[:, :cols]
         k = scratch("index", rows * cols, self.starts.dtype, mask.device).view(rows, cols)
         torch.cumsum(bits, 1, dtype=k.dtype, out=k)
-        k.add_(self.starts)
+        starts = self.starts[r0:r1] - self.starts[r0] if r0 else self.starts[r0:r1]
+        k.add_(starts)
         counts = None
         if self.ends is not None:
             last = k[:, self.ends]  # kept weights up to each group's end, the rows before included
-            counts = torch.diff(last, dim=1, prepend=self.starts).reshape(-1).long()
+            counts = torch.diff(last, dim=1, prepend=starts).reshape(-1).long()
         return k.mul_(bits), counts
 
 
@@ -101,29 +120,37 @@ def _bits_on(device: torch.device) -> torch.Tensor:
 
 def kept_values(plan: DecodePlan, counts: torch.Tensor | None, dtype: torch.dtype, values: torch.Tensor | None,
                 codes: torch.Tensor | None, scale: torch.Tensor | None, zero: torch.Tensor | None,
-                bits: int | None) -> torch.Tensor:
-    """Step 3: ``v`` ``[nnz + 1]`` in ``dtype`` (a reused buffer), ``v[0] = 0``, ``v[1:]`` the kept weights."""
+                bits: int | None, nnz: int | None = None) -> torch.Tensor:
+    """Step 3: ``v`` ``[nnz + 1]`` in ``dtype`` (a reused buffer), ``v[0] = 0``, ``v[1:]`` the kept weights:
+    ``values`` ``[nnz]``, or the ``codes`` ``[nnz]`` (uint8, unpacked) on the grids ``scale`` ``[rows, groups]`` and
+    ``zero`` (float32, same shape; None: symmetric) of the rows they belong to (``counts`` per ``(row, group)``)."""
+    nnz = plan.nnz if nnz is None else nnz
     device = values.device if values is not None else codes.device
-    table = scratch("values", plan.nnz + 1, dtype, device)
+    table = scratch("values", nnz + 1, dtype, device)
     table[:1].zero_()
     if values is not None:
         table[1:].copy_(values)
         return table
     rows, groups = scale.shape
     s = scale.to(torch.float32).view(-1)
-    z = torch.full_like(s, 2.0 ** (bits - 1)) if zero is None else \
-        unpack_codes(zero, bits, rows * groups).to(torch.float32)
-    q = unpack_codes(codes, bits, plan.nnz)
-    if 2**bits * rows * groups < plan.nnz:  # a table per (row, group): one gather per kept weight
+    z = torch.full_like(s, 2.0 ** (bits - 1)) if zero is None else zero.reshape(-1)
+    if 2**bits * rows * groups < nnz:  # a table per (row, group): one gather per kept weight
         levels = torch.arange(2**bits, dtype=torch.float32, device=device)
         lut = (s[:, None] * (levels - z[:, None])).to(dtype).view(-1)
         at = torch.repeat_interleave(torch.arange(0, rows * groups * 2**bits, 2**bits, device=device), counts,
-                                     output_size=plan.nnz)
-        torch.index_select(lut, 0, at.add_(q), out=table[1:])
+                                     output_size=nnz)
+        torch.index_select(lut, 0, at.add_(codes), out=table[1:])
     else:
-        group = torch.repeat_interleave(torch.arange(rows * groups, device=device), counts, output_size=plan.nnz)
-        table[1:].copy_(s[group] * (q.to(torch.float32) - z[group]))
+        group = torch.repeat_interleave(torch.arange(rows * groups, device=device), counts, output_size=nnz)
+        table[1:].copy_(s[group] * (codes.to(torch.float32) - z[group]))
     return table
+
+
+def _codes_between(packed: torch.Tensor, bits: int, a: int, b: int) -> torch.Tensor:
+    """The stored codes ``a … b − 1`` (uint8) of ``packed`` (two 4-bit codes per byte, low nibble first)."""
+    if bits == 8:
+        return packed[a:b]
+    return unpack_codes(packed[a // 2: (b + 1) // 2], bits, b - a + a % 2)[a % 2:]
 
 
 def decode_into(plan: DecodePlan, mask: torch.Tensor, dtype: torch.dtype, values: torch.Tensor | None = None,
@@ -131,13 +158,22 @@ def decode_into(plan: DecodePlan, mask: torch.Tensor, dtype: torch.dtype, values
                 bits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight ``[rows, cols]`` in ``dtype`` of one module's checked compact tensors (``zero`` None: the
     symmetric zero point ``2^(bits-1)``), written into ``out`` (``rows · cols`` contiguous elements) or a new
-    tensor. Bit for bit :func:`.compact.decode_weight`'s."""
-    k, counts = plan.kept_index(mask)
-    table = kept_values(plan, counts, dtype, values, codes, scale, zero, bits)
+    tensor, row chunk by row chunk (:attr:`DecodePlan.chunks`). Bit for bit :func:`.compact.decode_weight`'s."""
     if out is None:
         out = torch.empty(plan.rows * plan.cols, dtype=dtype, device=mask.device)
-    torch.index_select(table, 0, k.view(-1), out=out.view(-1))
-    return out.view(plan.rows, plan.cols)
+    weight = out.view(plan.rows, plan.cols)
+    z = None
+    if values is None and zero is not None:
+        z = unpack_codes(zero, bits, scale.numel()).to(torch.float32).view(scale.shape)
+    for r0, r1, a, b in plan.chunks:
+        k, counts = plan.kept_index(mask, r0, r1)
+        if values is not None:
+            table = kept_values(plan, counts, dtype, values[a:b], None, None, None, bits, b - a)
+        else:
+            table = kept_values(plan, counts, dtype, None, _codes_between(codes, bits, a, b), scale[r0:r1],
+                                None if z is None else z[r0:r1], bits, b - a)
+        torch.index_select(table, 0, k.view(-1), out=weight[r0:r1].view(-1))
+    return weight
 
 
 def dense_codes(plan: DecodePlan, mask: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, bits: int,

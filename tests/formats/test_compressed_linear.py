@@ -18,7 +18,7 @@ from conftest import UNIFORM, load_run_compressed, round_to_grid, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress, compress_checkpoint
 from optimum_sparsesched.formats.compact import decode_weight, encode_weight
 from optimum_sparsesched.formats.compressed_linear import CompressedLinear
-from optimum_sparsesched.formats.fast_decode import DecodePlan, decode_into
+from optimum_sparsesched.formats.fast_decode import DECODE_CHUNK, DecodePlan, decode_into
 
 FAST = {**UNIFORM, "preset": "sparsegpt"}
 VARIANTS = {
@@ -36,8 +36,9 @@ CASES = [("llama", v) for v in VARIANTS] + [("opt", "int4-g24-asym"), ("opt", "v
 @given(rows=st.integers(1, 9), cols=st.integers(1, 45), bits=st.sampled_from([None, 4, 8]),
        group_size=st.sampled_from([-1, 1, 8, 16, 20]), sym=st.booleans(), seed=st.integers(0, 10**6),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       density=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]))
-def test_the_fast_decoder_writes_decode_weights_bits(rows, cols, bits, group_size, sym, seed, dtype, density):
+       density=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]), chunk=st.sampled_from([1, 7, 50, DECODE_CHUNK]))
+def test_the_fast_decoder_writes_decode_weights_bits(rows, cols, bits, group_size, sym, seed, dtype, density,
+                                                     chunk):
     g = torch.Generator().manual_seed(seed)
     w, grid = torch.randn(rows, cols, generator=g), None
     if bits is not None:
@@ -45,7 +46,8 @@ def test_the_fast_decoder_writes_decode_weights_bits(rows, cols, bits, group_siz
     w[torch.rand(rows, cols, generator=g) >= density] = 0
     tensors = encode_weight(w.to(dtype), grid, bits, group_size, sym)
     expected, _ = decode_weight(tensors, (rows, cols), dtype, bits, group_size, sym)
-    plan = DecodePlan.of(tensors["weight_mask"], cols, group_size if bits else None)
+    plan = DecodePlan.of(tensors["weight_mask"], cols, group_size if bits else None, chunk=chunk)
+    assert len(plan.chunks) == (-(-rows // max(1, chunk // cols)) if chunk < DECODE_CHUNK else 1)
     assert plan.nnz == int((expected != 0).sum())
     args = dict(values=tensors.get("weight_values"), codes=tensors.get("weight_codes"),
                 scale=tensors.get("weight_scale"), zero=tensors.get("weight_zero"), bits=bits)

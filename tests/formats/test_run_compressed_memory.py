@@ -18,7 +18,7 @@ from optimum_sparsesched.formats.compact import REQUIRES_PLUGIN_KEY, encode_weig
 from optimum_sparsesched.formats.metadata import weights_metadata
 
 #: deep and narrow: the decoder's buffers (one weight of the largest module) are small beside the model
-SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+SHAPE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=4,
              num_key_value_heads=4)
 MEASURE = r"""
 import gc, json, re, sys, warnings
@@ -77,8 +77,10 @@ def write_compact_checkpoint(folder, sparsity: float = 0.75, bits: int = 4, grou
 
 
 def test_run_compressed_holds_less_than_the_decoded_model(tmp_path):
-    dense_kib = write_compact_checkpoint(tmp_path) / 1024  # 25.2 MB of float32 decoder weights
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dense_kib = write_compact_checkpoint(tmp_path) / 1024  # 78.6 MB of float32 decoder weights
+    # glibc raises its mmap threshold after each large free, so freed temporaries can stay on the heap and in the
+    # RSS of one run and not the other: a fixed threshold returns every large block when it is freed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     runs = {mode: subprocess.Popen([sys.executable, "-c", MEASURE, str(tmp_path), mode], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env)
             for mode in ("compact", "decoded")}
@@ -88,8 +90,8 @@ def test_run_compressed_holds_less_than_the_decoded_model(tmp_path):
         assert run.returncode == 0, err[-2000:]
         kib[mode] = json.loads(out.strip().splitlines()[-1])
     assert kib["decoded"]["held"] > 0.9 * dense_kib, kib  # the measure sees the decoded weights
-    # compact: ~2.3 bits per weight (7% of the float32 bytes) and one decoded Linear at a time during the forward (1 MB
+    # compact: ~2.3 bits per weight (7% of the float32 bytes) and one decoded Linear at a time during the forward (4 MB
     # here, plus the decoder's index buffers); both processes pay the same loader and forward costs (about 20 MB).
-    # Measured: held 23 MB compact, 40 MB decoded
+    # Measured: held 31 MB compact, 99 MB decoded (peak 36 / 102 MB)
     assert kib["decoded"]["held"] - kib["compact"]["held"] > 0.6 * dense_kib, (kib, dense_kib)
     assert kib["decoded"]["peak"] - kib["compact"]["peak"] > 0.6 * dense_kib, (kib, dense_kib)
