@@ -11,16 +11,18 @@ For a weight ``W`` ``[rows, cols]`` stored as a bitmask ``[rows, ⌈cols/8⌉]``
    ``k`` is the 1-based index of a kept weight in the stored order and 0 for a pruned one;
 3. the kept values ``v[1..nnz]`` in the model dtype, ``v[0] = 0``: the stored values, or the codes dequantized —
    ``scale · (q − zero)`` in float32, cast once (:func:`..obs.grid.dequantize`'s expression) — each code on its own
-   row's group (the group of every kept weight repeats its ``(row, group)`` as often as the group keeps weights, the
-   counts read off the cumulative sums at the groups' last columns); for 4-bit codes through a 16-entry table per
-   ``(row, group)``, which is the same arithmetic done once per code value;
+   row's group (every kept weight's ``(row, group)`` index: a cumulative sum over marks set where each group's kept
+   weights start, read off the cumulative sums of step 2 at the groups' last columns, :func:`group_of_kept`); for
+   4-bit codes through a 16-entry table per ``(row, group)``, which is the same arithmetic done once per code value;
 4. ``W = v[k]``: one gather.
 
 Steps 1-4 run on row chunks of about :data:`DECODE_CHUNK` weights (rows are independent: the chunk ``[r₀, r₁)``
 holds the kept weights ``starts[r₀] … starts[r₁] − 1``), so the mask, index and value buffers stay the size of a
-chunk. Work and memory per call: a few passes over ``rows · cols`` bytes and int32, and over the ``nnz`` kept
-weights; the buffers (per chunk, and the weight itself unless autograd needs it) are per thread and device, so a
-model in a forward holds one decoded weight at a time. Nothing per weight is kept between calls: the resident model
+chunk. Work and memory per call: a few passes over ``rows · cols`` int32, and over the ``nnz`` kept weights; every
+step writes into buffers (per chunk, and the weight itself unless autograd needs it) reused per thread and device,
+so a call allocates only its small per-group tables (a fresh multi-megabyte temporary per call leaves the C
+allocator's heap holding freed memory in some processes and not others) and a model in a forward holds one decoded
+weight at a time. Nothing per weight is kept between calls: the resident model
 stays as small as the compact checkpoint.
 """
 
@@ -51,8 +53,8 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buffer[:numel]
 
 
-#: weights per row chunk of the decoder: its buffers take ~5.5 bytes per weight and ~11 per kept one (≈ 9 MB at 30%
-#: kept) instead of growing with the largest module (a 7B model's 11008×4096 MLP: 250 MB); each chunk costs a few
+#: weights per row chunk of the decoder: its buffers take ~8.5 bytes per weight and ~7 per kept one (≈ 11 MB at 30%
+#: kept) instead of growing with the largest module (a 7B model's 11008×4096 MLP: ~480 MB); each chunk costs a few
 #: small ops (~0.4 ms on a 2-core CPU), so modules up to 2²⁰ weights decode in one piece
 DECODE_CHUNK = 2**20
 
@@ -92,38 +94,47 @@ class DecodePlan:
     def kept_index(self, mask: torch.Tensor, r0: int = 0, r1: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steps 1-2 for rows ``[r0, r1)`` (default: all): ``k`` ``[r1 − r0, cols]`` (a reused buffer), the index
-        among the kept weights from ``starts[r0]`` on, and, with groups, the kept count of every ``(row, group)`` in
-        row-major order ``[(r1 − r0) · groups]`` int64."""
+        among the kept weights from ``starts[r0]`` on, and, with groups, ``last`` ``[r1 − r0, groups]``: the kept
+        weights up to each ``(row, group)``'s last column, the rows before included."""
         r1 = self.rows if r1 is None else r1
         rows, cols, stored = r1 - r0, self.cols, mask.shape[1]
-        bits = scratch("mask", rows * stored * 8, torch.bool, mask.device).view(rows * stored, 8)
+        dtype = self.starts.dtype
+        # in the index dtype, so that no step below converts (and allocates) a copy
+        bits = scratch("mask", rows * stored * 8, dtype, mask.device).view(rows * stored, 8)
         stored_bytes = scratch("bytes", rows * stored, torch.int32, mask.device).copy_(mask[r0:r1].reshape(-1))
-        torch.index_select(_bits_on(mask.device), 0, stored_bytes, out=bits)
+        torch.index_select(_bits_on(mask.device, dtype), 0, stored_bytes, out=bits)
         bits = bits.view(rows, stored * 8)[:, :cols]
-        k = scratch("index", rows * cols, self.starts.dtype, mask.device).view(rows, cols)
-        torch.cumsum(bits, 1, dtype=k.dtype, out=k)
-        starts = self.starts[r0:r1] - self.starts[r0] if r0 else self.starts[r0:r1]
-        k.add_(starts)
-        counts = None
-        if self.ends is not None:
-            last = k[:, self.ends]  # kept weights up to each group's end, the rows before included
-            counts = torch.diff(last, dim=1, prepend=starts).reshape(-1).long()
-        return k.mul_(bits), counts
+        k = scratch("index", rows * cols, dtype, mask.device).view(rows, cols)
+        torch.cumsum(bits, 1, dtype=dtype, out=k)
+        k.add_(self.starts[r0:r1] - self.starts[r0] if r0 else self.starts[r0:r1])
+        last = k[:, self.ends] if self.ends is not None else None
+        return k.mul_(bits), last
 
 
-def _bits_on(device: torch.device) -> torch.Tensor:
+def _bits_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     cached = _local.__dict__.setdefault("bits", {})
-    if device not in cached:
-        cached[device] = _BITS.to(device)
-    return cached[device]
+    if (device, dtype) not in cached:
+        cached[device, dtype] = _BITS.to(device, dtype)
+    return cached[device, dtype]
 
 
-def kept_values(plan: DecodePlan, counts: torch.Tensor | None, dtype: torch.dtype, values: torch.Tensor | None,
+def group_of_kept(last: torch.Tensor, nnz: int, step: int) -> torch.Tensor:
+    """``step · g`` for every kept weight (int32 ``[nnz]``, a reused buffer), ``g`` the row-major index of its
+    ``(row, group)``: zeros with ``step`` added where each group after the first starts (``last``, the cumulative
+    kept counts :meth:`DecodePlan.kept_index` returns), then a cumulative sum."""
+    out = scratch("group", nnz + 1, torch.int32, last.device).zero_()
+    starts = last.reshape(-1)[:-1].long()
+    out.index_put_((starts,), torch.tensor(step, dtype=torch.int32, device=last.device), accumulate=True)
+    return torch.cumsum(out, 0, dtype=out.dtype, out=out)[:nnz]
+
+
+def kept_values(plan: DecodePlan, last: torch.Tensor | None, dtype: torch.dtype, values: torch.Tensor | None,
                 codes: torch.Tensor | None, scale: torch.Tensor | None, zero: torch.Tensor | None,
                 bits: int | None, nnz: int | None = None) -> torch.Tensor:
     """Step 3: ``v`` ``[nnz + 1]`` in ``dtype`` (a reused buffer), ``v[0] = 0``, ``v[1:]`` the kept weights:
     ``values`` ``[nnz]``, or the ``codes`` ``[nnz]`` (uint8, unpacked) on the grids ``scale`` ``[rows, groups]`` and
-    ``zero`` (float32, same shape; None: symmetric) of the rows they belong to (``counts`` per ``(row, group)``)."""
+    ``zero`` (float32, same shape; None: symmetric) of the rows they belong to (``last``: see
+    :func:`group_of_kept`)."""
     nnz = plan.nnz if nnz is None else nnz
     device = values.device if values is not None else codes.device
     table = scratch("values", nnz + 1, dtype, device)
@@ -137,20 +148,23 @@ def kept_values(plan: DecodePlan, counts: torch.Tensor | None, dtype: torch.dtyp
     if 2**bits * rows * groups < nnz:  # a table per (row, group): one gather per kept weight
         levels = torch.arange(2**bits, dtype=torch.float32, device=device)
         lut = (s[:, None] * (levels - z[:, None])).to(dtype).view(-1)
-        at = torch.repeat_interleave(torch.arange(0, rows * groups * 2**bits, 2**bits, device=device), counts,
-                                     output_size=nnz)
-        torch.index_select(lut, 0, at.add_(codes), out=table[1:])
+        torch.index_select(lut, 0, group_of_kept(last, nnz, 2**bits).add_(codes), out=table[1:])
     else:
-        group = torch.repeat_interleave(torch.arange(rows * groups, device=device), counts, output_size=nnz)
+        group = group_of_kept(last, nnz, 1)
         table[1:].copy_(s[group] * (codes.to(torch.float32) - z[group]))
     return table
 
 
 def _codes_between(packed: torch.Tensor, bits: int, a: int, b: int) -> torch.Tensor:
-    """The stored codes ``a … b − 1`` (uint8) of ``packed`` (two 4-bit codes per byte, low nibble first)."""
+    """The stored codes ``a … b − 1`` (uint8, a reused buffer) of ``packed`` (two 4-bit codes per byte, low nibble
+    first)."""
     if bits == 8:
         return packed[a:b]
-    return unpack_codes(packed[a // 2: (b + 1) // 2], bits, b - a + a % 2)[a % 2:]
+    part = packed[a // 2: (b + 1) // 2]
+    pairs = scratch("codes", 2 * part.numel(), torch.uint8, packed.device).view(-1, 2)
+    torch.bitwise_and(part, 0x0F, out=pairs[:, 0])
+    torch.bitwise_right_shift(part, 4, out=pairs[:, 1])
+    return pairs.view(-1)[a % 2: a % 2 + b - a]
 
 
 def decode_into(plan: DecodePlan, mask: torch.Tensor, dtype: torch.dtype, values: torch.Tensor | None = None,
@@ -166,11 +180,11 @@ def decode_into(plan: DecodePlan, mask: torch.Tensor, dtype: torch.dtype, values
     if values is None and zero is not None:
         z = unpack_codes(zero, bits, scale.numel()).to(torch.float32).view(scale.shape)
     for r0, r1, a, b in plan.chunks:
-        k, counts = plan.kept_index(mask, r0, r1)
+        k, last = plan.kept_index(mask, r0, r1)
         if values is not None:
-            table = kept_values(plan, counts, dtype, values[a:b], None, None, None, bits, b - a)
+            table = kept_values(plan, last, dtype, values[a:b], None, None, None, bits, b - a)
         else:
-            table = kept_values(plan, counts, dtype, None, _codes_between(codes, bits, a, b), scale[r0:r1],
+            table = kept_values(plan, last, dtype, None, _codes_between(codes, bits, a, b), scale[r0:r1],
                                 None if z is None else z[r0:r1], bits, b - a)
         torch.index_select(table, 0, k.view(-1), out=weight[r0:r1].view(-1))
     return weight
