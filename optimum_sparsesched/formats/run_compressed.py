@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..obs.grid import Grid
+from ..pipeline.host_memory import release_free_memory
 from ..pipeline.plan import weight_matrix
 from . import int4_kernel
 from .compact import SUFFIXES, compact_module_tensors
@@ -125,8 +126,15 @@ def check_int4_kernel(bits: int | None) -> None:
 def use_int4_kernels(model: nn.Module) -> list[str]:
     """After a ``run_compressed="int4"`` load: every 4-bit ``CompressedLinear`` on the CPU whose shape the kernel
     takes holds its codes in the kernel's layout (:meth:`.compressed_linear.CompressedLinear.use_int4_kernel`), one
-    module at a time. Returns the names of the modules left in the compact form (a warning names them)."""
-    left = [name for name, module in compressed_linears(model).items() if not module.use_int4_kernel()]
+    module at a time, the C heap's free pages given back after each (the conversion's temporaries, several bytes per
+    weight, were otherwise kept by glibc's heaps between the modules' long-lived codes: 0.5–4× the converted model's
+    bytes in as many runs of the same load). Returns the names of the modules left in the compact form (a warning
+    names them)."""
+    left = []
+    for name, module in compressed_linears(model).items():
+        if not module.use_int4_kernel():
+            left.append(name)
+        release_free_memory()
     if left:
         logger.warning("run_compressed='int4': %d compressed Linears stay in the compact form (decoded in their "
                        "forward): the kernel needs 4-bit codes on the CPU, rows a multiple of 16 and groups of 32, "
