@@ -31,7 +31,6 @@ usual (:mod:`.pipeline.distributed`); rank 0 writes.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import SparseScheduleConfig
+from .logs import quiet
 from .pipeline.blocks import find_decoder_blocks, non_block_modules
 from .pipeline.calibration import resolve_tokenizer
 from .pipeline.checkpoint_files import check_against_config, check_checkpoint_folder, read_config_file
@@ -141,7 +141,7 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
     check_folders_apart(config.checkpoint_dir, out)
     ctx = init_distributed()
     with tempfile.TemporaryDirectory(prefix="sparsesched-offload-") as scratch:  # for weights transformers converts
-        with _quiet("accelerate.big_modeling"):  # "parameters on the meta device": that is the point here
+        with quiet("accelerate.big_modeling"):  # "parameters on the meta device": that is the point here
             model = AutoModelForCausalLM.from_pretrained(folder, device_map=streaming_device_map(folder),
                                                          offload_folder=scratch, dtype=dtype)
         model.eval()
@@ -164,18 +164,6 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
             raise
     ctx.barrier()
     return config
-
-
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence a logger's warnings for the duration."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _stream_into(model: Any, config: SparseScheduleConfig, tok: Any, staging: Path, out: Path,

@@ -178,3 +178,20 @@ def test_compress_says_what_it_actually_saved(save_tiny, texts, tmp_path, capsys
         fresh = tmp_path / f"fresh{k}"
         assert main(small("compress", str(path), str(fresh), "--schedule", "uniform", *extra)) == 0
         assert f"saved to {fresh} (model, tokenizer and model card README.md)" in capsys.readouterr().out
+
+
+def test_a_budget_too_small_is_refused_before_the_measurements(save_tiny, texts, tmp_path, capsys, monkeypatch):
+    """--max-device-memory below one block's working set is refused right after the model loads: before the
+    perplexity before compression (which takes long on a big model), and nothing is written to OUT."""
+    import optimum_sparsesched.cli.commands as commands
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before the budget was checked")
+
+    monkeypatch.setattr(commands, "_measure", never)
+    path = save_tiny("llama")
+    out = tmp_path / "out"
+    assert main(small("compress", str(path), str(out), "--schedule", "uniform", "--max-device-memory", "1KB",
+                      "--eval-text", str(texts / "eval.txt"))) == 2
+    one_line_error(capsys, "max_device_memory", "cannot hold one decoder block's working set")
+    assert not out.exists()

@@ -29,6 +29,24 @@ def _measure(model: Any, tok: Any, text: str, protocol: dict[str, Any]) -> Any:
         raise cli_error(exc, f"{Path(text).name}: ") from None
 
 
+def _check_zero_shot(a: argparse.Namespace, tasks: list[str]) -> None:
+    """``--tasks``, ``--limit``, ``--num-fewshot``, ``--batch-size`` and ``--task-path`` checked (every task known to
+    lm-eval) before a model is loaded, so a typo is refused before the compression rather than after it."""
+    from ..eval.zero_shot import check_zero_shot
+
+    if not tasks:
+        return
+    try:
+        check_zero_shot(tasks, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+                        task_paths=a.task_path)
+    except (ValueError, ImportError) as exc:
+        message = str(exc)
+        for option, flag in (("tasks:", "--tasks:"), ("limit:", "--limit:"), ("num_fewshot:", "--num-fewshot:"),
+                             ("batch_size:", "--batch-size:"), ("task_paths:", "--task-path:")):
+            message = message.replace(option, flag, 1) if message.startswith(option) else message
+        raise UsageError(message) from None
+
+
 def _zero_shot(model: Any, tok: Any, a: argparse.Namespace, tasks: list[str]) -> dict[str, Any]:
     from ..eval.zero_shot import zero_shot
 
@@ -45,6 +63,7 @@ def _eval(a: argparse.Namespace) -> int:
     from .default_model import EVALUATION_TEXT
 
     tasks = parse_tasks(a.tasks, a.task_path)
+    _check_zero_shot(a, tasks)
     text = check_eval_text(a.dataset or str(EVALUATION_TEXT), "--dataset")
     loaded = load_model(a.model, a.dtype, _say, a.tokenizer, run_compressed=a.run_compressed)
     if torch.cuda.is_available():
@@ -67,6 +86,11 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _save(loaded: Any, out: Path, overwrite: bool) -> None:
+    loaded.model.save_pretrained(out, overwrite=overwrite)
+    loaded.tokenizer.save_pretrained(out)
+
+
 def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype: str,
                        on_loaded: Any = None, on_compressed: Any = None, overwrite: bool = False) -> Any:
     """The "load + compress + save" step as one call: load ``model_ref`` (None: the embedded default) in
@@ -75,11 +99,13 @@ def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype:
     (None: nothing is saved). Returns the :class:`.cli_inputs.LoadedModel` with ``seconds`` (compression time)."""
     from ..pipeline.distributed import is_main_process
     from ..pipeline.plan import plan_compression
+    from ..pipeline.residency import plan_residency
     from ..quantizer import compress
 
     loaded = load_model(model_ref, dtype, _say, cfg.tokenizer, source=True)  # a causal LM, whole, finite
     try:
-        plan_compression(loaded.model, cfg.plan_spec())  # seq_len, modules_to_not_convert, pattern against the model
+        plan = plan_compression(loaded.model, cfg.plan_spec())  # seq_len, modules_to_not_convert, pattern
+        plan_residency(loaded.model, plan, cfg.residency_spec())  # max_device_memory: before the measurements
         if on_loaded is not None:
             on_loaded(loaded)
         t0 = time.perf_counter()
@@ -87,11 +113,17 @@ def load_compress_save(model_ref: str | None, cfg: Any, out: Path | None, dtype:
         loaded.seconds = time.perf_counter() - t0
         if not is_main_process():
             return loaded  # under torchrun, rank 0 measures and saves
-        if on_compressed is not None:
-            on_compressed(loaded)
+        try:
+            if on_compressed is not None:
+                on_compressed(loaded)
+        except Exception:  # the measurements failed (e.g. a task's data out of reach): the compression is kept
+            if out is not None:
+                _save(loaded, out, overwrite)
+                _say(f"saved the compressed model to {out} (without the measurements after compression, which "
+                     "failed)")
+            raise
         if out is not None:
-            loaded.model.save_pretrained(out, overwrite=overwrite)
-            loaded.tokenizer.save_pretrained(out)
+            _save(loaded, out, overwrite)
     except ValueError as exc:
         raise cli_error(exc) from None
     return loaded
@@ -109,6 +141,7 @@ def _compress(a: argparse.Namespace) -> int:
     check_model_ref(a.model, a.tokenizer)
     check_text_source(cfg.dataset, "--dataset")
     tasks = parse_tasks(a.tasks, a.task_path)
+    _check_zero_shot(a, tasks)
     measured = bool(tasks) or a.eval_dataset is not None or (a.eval_text is not None and not a.no_eval)
     if a.model is not None and out is not None and not measured:  # checkpoint to checkpoint, one block in memory
         return _compress_streaming(a, cfg, out)

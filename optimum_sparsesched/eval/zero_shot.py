@@ -13,11 +13,11 @@ Needs the ``lm-eval`` package: ``pip install "optimum-sparsesched[eval]"``.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..logs import quiet
 from ..network import unreachable
 
 #: lm-eval's metric keys (``"acc,none"``) that :func:`zero_shot` reports
@@ -52,6 +52,50 @@ def _positive(name: str, value: Any, none_ok: bool = True) -> None:
         raise ValueError(f"{name}: {value!r} is not valid; allowed: {'None or ' if none_ok else ''}a positive integer")
 
 
+def check_zero_shot(tasks: str | Sequence[str], *, limit: int | None = None, num_fewshot: int = 0,
+                    batch_size: int = 8, task_paths: Sequence[str | os.PathLike] = (),
+                    include_default_tasks: bool | None = None) -> tuple[list[str], Any]:
+    """Validate :func:`zero_shot`'s options and index the tasks -> ``(names, task_manager)``, raising
+    ``ValueError`` (naming the option and what is allowed) for a bad option or a task lm-eval does not know, and
+    ``ImportError`` without lm-eval. Runs no model: the CLI calls it before compressing, so that a typo in a task
+    name is refused before hours of work rather than after them (indexing lm-eval's own tasks takes seconds)."""
+    names = _tasks(tasks)
+    _positive("limit", limit)
+    _positive("batch_size", batch_size, none_ok=False)
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ValueError(f"num_fewshot: {num_fewshot!r} is not valid; allowed: an integer >= 0")
+    try:
+        from lm_eval.tasks import TaskManager  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("zero_shot needs lm-evaluation-harness: pip install 'optimum-sparsesched[eval]'") from exc
+    for path in task_paths:
+        if not os.path.exists(path):
+            raise ValueError(f"task_paths: {os.fspath(path)!r} does not exist; allowed: folders or YAML files of "
+                             "lm-eval task configs")
+    paths = tuple(os.path.abspath(os.fspath(p)) for p in task_paths)
+    with quiet("lm_eval"):  # lm-eval logs every request builder and cache step
+        manager = None
+        if paths and not include_default_tasks:
+            manager = _task_manager(paths, False)
+            if include_default_tasks is None and any(t not in manager.all_tasks for t in names):
+                manager = None
+        if manager is None:
+            manager = _task_manager(paths, include_default_tasks is not False)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"tasks: {unknown} are not lm-eval tasks"
+                         + (" in task_paths" if include_default_tasks is False else "")
+                         + "; see `lm-eval ls tasks` or pass task_paths")
+    return names, manager
+
+
+def _task_manager(paths: tuple[str, ...], include_defaults: bool) -> Any:
+    """lm-eval's task index of ``paths`` (and of its own tasks with ``include_defaults``; about 5 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
+
+
 def zero_shot(model: Any, tokenizer: Any, tasks: str | Sequence[str], *, limit: int | None = None,
               num_fewshot: int = 0, batch_size: int = 8, task_paths: Sequence[str | os.PathLike] = (),
               include_default_tasks: bool | None = None, seed: int = 0) -> dict[str, TaskResult]:
@@ -60,40 +104,14 @@ def zero_shot(model: Any, tokenizer: Any, tasks: str | Sequence[str], *, limit: 
     ``limit``: at most this many documents per task (None: all); ``num_fewshot``: examples in each prompt (0:
     zero-shot); ``batch_size``: documents per forward; ``task_paths``: extra folders or YAML files of task configs;
     ``include_default_tasks``: also index lm-eval's own tasks (indexing them takes tens of seconds; None: only when
-    a task is not in ``task_paths``); ``seed``: lm-eval's sampling seeds (few-shot example choice)."""
-    names = _tasks(tasks)
-    _positive("limit", limit)
-    _positive("batch_size", batch_size, none_ok=False)
-    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-        raise ValueError(f"num_fewshot: {num_fewshot!r} is not valid; allowed: an integer >= 0")
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise ImportError("zero_shot needs lm-evaluation-harness: pip install 'optimum-sparsesched[eval]'") from exc
+    a task is not in ``task_paths``); ``seed``: lm-eval's sampling seeds (few-shot example choice). The options are
+    checked by :func:`check_zero_shot` first."""
+    names, manager = check_zero_shot(tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                     task_paths=task_paths, include_default_tasks=include_default_tasks)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
 
-    for path in task_paths:
-        if not os.path.exists(path):
-            raise ValueError(f"task_paths: {os.fspath(path)!r} does not exist; allowed: folders or YAML files of "
-                             "lm-eval task configs")
-    lm_logger = logging.getLogger("lm_eval")
-    level = lm_logger.level
-    lm_logger.setLevel(logging.ERROR)  # lm-eval logs every request builder and cache step at INFO/WARNING
-    try:
-        paths = [os.fspath(p) for p in task_paths] or None
-        manager = None
-        if paths and not include_default_tasks:
-            manager = TaskManager(include_path=paths, include_defaults=False)
-            if include_default_tasks is None and any(t not in manager.all_tasks for t in names):
-                manager = None
-        if manager is None:
-            manager = TaskManager(include_path=paths, include_defaults=include_default_tasks is not False)
-        unknown = [t for t in names if t not in manager.all_tasks]
-        if unknown:
-            raise ValueError(f"tasks: {unknown} are not lm-eval tasks"
-                             + (" in task_paths" if include_default_tasks is False else "")
-                             + "; see `lm-eval ls tasks` or pass task_paths")
+    with quiet("lm_eval"):  # lm-eval logs every request builder and cache step
         was_training = model.training
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         try:
@@ -105,8 +123,6 @@ def zero_shot(model: Any, tokenizer: Any, tasks: str | Sequence[str], *, limit: 
             raise _data_unreachable(exc, names) from None
         if was_training:
             model.train()
-    finally:
-        lm_logger.setLevel(level)
     return {task: _result(task, out, num_fewshot) for task in names}
 
 

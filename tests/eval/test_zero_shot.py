@@ -10,7 +10,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from conftest import SMALL, tiny_model
+from conftest import CALIBRATION_TEXT, SMALL, tiny_model
 
 pytest.importorskip("lm_eval")
 
@@ -128,11 +128,10 @@ def test_cli_eval_tasks(save_tiny, task_dir, capsys):
     assert "--task-path" in capsys.readouterr().err
 
 
-def test_tasks_whose_data_is_out_of_reach_are_one_line_and_exit_2(tokenizer, save_tiny, tmp_path, capsys):
-    """lm-eval downloads each task's dataset from the Hub; offline (the tests run with HF_DATASETS_OFFLINE=1) that
-    is one ConnectionError naming the tasks, and `eval --tasks` prints it as one line, exit 2."""
-    yaml = tmp_path / "tasks" / "hub_mc.yaml"
-    yaml.parent.mkdir()
+def hub_task(folder):
+    """A task `hub_mc` whose data is on the Hub only (out of reach in the tests)."""
+    yaml = folder / "hub_mc.yaml"
+    folder.mkdir()
     yaml.write_text("""task: hub_mc
 dataset_path: optimum-sparsesched-tests/not-in-any-cache
 test_split: test
@@ -143,6 +142,13 @@ doc_to_target: "{{answer}}"
 metric_list:
   - metric: acc
 """)
+    return folder
+
+
+def test_tasks_whose_data_is_out_of_reach_are_one_line_and_exit_2(tokenizer, save_tiny, tmp_path, capsys):
+    """lm-eval downloads each task's dataset from the Hub; offline (the tests run with HF_DATASETS_OFFLINE=1) that
+    is one ConnectionError naming the tasks, and `eval --tasks` prints it as one line, exit 2."""
+    yaml = hub_task(tmp_path / "tasks") / "hub_mc.yaml"
     with pytest.raises(ConnectionError, match="tasks: the data of hub_mc could not be loaded: the Hugging Face Hub"):
         osp.zero_shot(tiny_model("llama"), tokenizer, ["hub_mc"], task_paths=[yaml.parent], limit=2)
     path = save_tiny("llama")
@@ -151,3 +157,54 @@ metric_list:
                  str(yaml.parent), "--limit", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: tasks: the data of hub_mc") and "Traceback" not in "\n".join(err), err
+
+
+COMPRESS = ["--num-samples", "2", "--seq-len", "32", "--probe-samples", "1", "--eval-seq-len", "32",
+            "--eval-windows", "2", "--dataset", str(CALIBRATION_TEXT), "--schedule", "uniform", "--sparsity", "0.5"]
+
+
+@pytest.mark.parametrize("options, flag", [
+    (["--tasks", "no_such_task"], "--tasks: ['no_such_task'] are not lm-eval tasks"),
+    (["--tasks", "tiny_mc", "--limit", "0"], "--limit: 0 is not valid"),
+    (["--tasks", "tiny_mc", "--limit", "-1"], "--limit: -1 is not valid"),
+    (["--tasks", "tiny_mc", "--num-fewshot", "-1"], "--num-fewshot: -1 is not valid"),
+    (["--tasks", "tiny_mc", "--batch-size", "0"], "--batch-size: 0 is not valid"),
+])
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_bad_task_options_are_refused_before_the_model_is_loaded(save_tiny, task_dir, tmp_path, capsys, options,
+                                                                 flag, command, monkeypatch):
+    """A typo in --tasks (or a bad --limit ...) is refused before any model is loaded: never after hours of
+    compression, and nothing is written to OUT."""
+    import optimum_sparsesched.cli.commands as commands
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the task options were checked")
+
+    monkeypatch.setattr(commands, "load_model", never)
+    path = save_tiny("llama")
+    out = tmp_path / "out"
+    args = ["compress", str(path), str(out), *COMPRESS] if command == "compress" else ["eval", str(path)]
+    capsys.readouterr()
+    assert main([*args, *options, "--task-path", str(task_dir)]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_compressed_model_is_saved_when_the_tasks_after_compression_fail(save_tiny, tmp_path, capsys):
+    """The tasks' data out of reach is only known when lm-eval loads it, after the compression: the compressed
+    model is saved to OUT all the same (without the card's accuracies), and the error is one line, exit 2."""
+    tasks = hub_task(tmp_path / "tasks")
+    path = save_tiny("llama")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["compress", str(path), str(out), *COMPRESS, "--tasks", "hub_mc", "--task-path", str(tasks),
+                 "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: tasks: the data of hub_mc") and "Traceback" not in "\n".join(err), err
+    assert any(f"saved the compressed model to {out}" in line for line in err), err
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    weights = [m.weight for n, m in reloaded.named_modules() if n.endswith("mlp.down_proj")]
+    assert weights and all(float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01) for w in weights)
