@@ -195,3 +195,11 @@ def test_a_budget_too_small_is_refused_before_the_measurements(save_tiny, texts,
                       "--eval-text", str(texts / "eval.txt"))) == 2
     one_line_error(capsys, "max_device_memory", "cannot hold one decoder block's working set")
     assert not out.exists()
+
+
+def test_run_compressed_on_a_model_this_package_did_not_compress_names_the_option(save_tiny, capsys):
+    path = save_tiny("llama")
+    for extra in ([], ["int4"]):
+        assert main(["eval", str(path), "--run-compressed", *extra, "--seq-len", "16", "--max-windows", "1"]) == 2
+        one_line_error(capsys, "--run-compressed:", "is not a checkpoint in this package's compact format",
+                       "quant_method is None")

@@ -179,6 +179,27 @@ def check_model_ref(ref: str | None, tokenizer: str | None = None) -> None:
         raise UsageError(str(exc)) from None
 
 
+def _check_compressed_by_us(ref: str) -> None:
+    """``--run-compressed`` needs a checkpoint this package compressed: its config's ``quantization_config`` has
+    ``quant_method`` ``"sparse_schedule"``."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError):
+        return  # the load that follows names the problem
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization,
+                                                                                            "quant_method", None)
+    method = str(getattr(method, "value", method)) if method is not None else None
+    if method != "sparse_schedule":
+        hint = (" (a compressed-tensors export: plain transformers keeps it compressed with "
+                "CompressedTensorsConfig(run_compressed=True))" if method == "compressed-tensors" else "")
+        raise UsageError(f"--run-compressed: {ref!r} is not a checkpoint in this package's compact format (its "
+                         f"config's quantization_config.quant_method is {method!r}, not 'sparse_schedule'){hint}; "
+                         "allowed: a compact checkpoint this package saved, or no --run-compressed")
+
+
 def load_model(ref: str | None, dtype: str, say: Callable[[str], None], tokenizer: str | None = None,
                source: bool = False, run_compressed: bool | str = False) -> LoadedModel:
     """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` (``"auto"``: the one it
@@ -202,9 +223,10 @@ def load_model(ref: str | None, dtype: str, say: Callable[[str], None], tokenize
     check_model_ref(ref, tokenizer)
     path = Path(ref).expanduser()
     extra: dict[str, Any] = {}
-    if run_compressed:  # a model this package did not compress is refused by the config (a loading option)
+    if run_compressed:  # a loading option of checkpoints this package compressed
         from ..config import SparseScheduleConfig
 
+        _check_compressed_by_us(ref)
         extra["quantization_config"] = SparseScheduleConfig(run_compressed=run_compressed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or ref)
