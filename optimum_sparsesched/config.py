@@ -84,8 +84,7 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         num_levels: log-error levels of the ``"hessian"`` schedule (1 = uniform).
         error_metric: each block's damage pruned alone: ``"fisher"`` (from one backward pass, :mod:`.schedule.fisher`),
             ``"kl-alone"`` (KL at the logits, ``L²/2`` block forwards) or ``"obs"`` (the paper's local loss).
-        probe_samples: calibration windows the schedule's statistics are measured on (the first ones; all of them
-            when there are fewer).
+        probe_samples: calibration windows the schedule's statistics are measured on (the first; at most all).
         checkpoint_dir: folder where every finished block is saved; a run with the same options, data and model
             (weights included) resumes from the last finished block. Never written into config.json.
         max_device_memory: byte budget on the compute device: ``None`` (no cap), an int or ``"2GiB"``/``"512MB"``; a

@@ -23,7 +23,7 @@ LAYERS = (
     ("formats", ("formats",)),
     ("pipeline", ("pipeline",)),
     ("obs", ("obs",)),
-    ("utilities", ("version", "network")),
+    ("utilities", ("version", "network", "logs")),
 )
 STAGES = ("cli", "publish", "eval", "schedule", "formats", "pipeline", "obs")
 MAX_LINES = 300
