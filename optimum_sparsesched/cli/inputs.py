@@ -180,23 +180,25 @@ def check_model_ref(ref: str | None, tokenizer: str | None = None) -> None:
 
 
 def _check_compressed_by_us(ref: str) -> None:
-    """``--run-compressed`` needs a checkpoint this package compressed: its config's ``quantization_config`` has
-    ``quant_method`` ``"sparse_schedule"``."""
+    """``--run-compressed`` needs a checkpoint in this package's compact format: its config's
+    ``quantization_config.quant_method`` is :data:`.config.QUANT_METHOD` (a compressed-tensors export keeps this
+    package's options under another key, which :func:`.config.saved_config_dict` accepts, but loads through
+    compressed-tensors)."""
     from transformers import AutoConfig
+
+    from ..config import QUANT_METHOD
 
     try:
         config = AutoConfig.from_pretrained(ref)
     except (OSError, ValueError):
         return  # the load that follows names the problem
     quantization = getattr(config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization,
-                                                                                            "quant_method", None)
-    method = str(getattr(method, "value", method)) if method is not None else None
-    if method != "sparse_schedule":
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method != QUANT_METHOD:
         hint = (" (a compressed-tensors export: plain transformers keeps it compressed with "
                 "CompressedTensorsConfig(run_compressed=True))" if method == "compressed-tensors" else "")
         raise UsageError(f"--run-compressed: {ref!r} is not a checkpoint in this package's compact format (its "
-                         f"config's quantization_config.quant_method is {method!r}, not 'sparse_schedule'){hint}; "
+                         f"config's quantization_config.quant_method is {method!r}, not {QUANT_METHOD!r}){hint}; "
                          "allowed: a compact checkpoint this package saved, or no --run-compressed")
 
 
