@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What a compressed model costs in memory and speed once loaded: the dense model, a compressed checkpoint decoded at
-load, and the same checkpoint with ``run_compressed=True`` (Linears kept compact, decoded inside their forward) and,
-for 4-bit rows, ``run_compressed="int4"`` (every weight's 4-bit code run by torch's CPU int4 matmul).
+load, and the same checkpoint with ``run_compressed=True`` (Linears kept compact, decoded inside their forward),
+``run_compressed="sparse"`` (the same compact Linears, each decoding step run by the package's compiled sparse
+kernel) and, for 4-bit rows, ``run_compressed="int4"`` (every weight's 4-bit code run by torch's CPU int4 matmul).
 
 Each case runs in a fresh process (``_case``): the baseline is its resident memory after the imports and the setup
 every case shares (the architecture's modules, imported by building a weightless skeleton of the model on the meta
@@ -13,11 +14,15 @@ prints the generated ids (the compact model must produce the decoded one's token
 resident pages, the file-backed pages of the mmapped checkpoint included, which the kernel can drop) and the
 anonymous memory the process allocated (``RssAnon``, sampled every 10 ms: :class:`AnonPeak`).
 
+With ``--repeats N`` every case runs N times, each in a fresh process, and the table gives the median of each
+figure with the range of the peak: the load's peak varies from run to run by tens of MiB in every mode
+(transformers materializes the checkpoint's tensors in 4 threads, ahead of their use by a varying amount).
+
     # 1. the checkpoints (SparseGPT scan, uniform schedule, a short calibration: their quality is not the point)
     python benchmarks/inference_memory.py prepare MODEL_DIR WORK_DIR [--rows 0.5 0.7 0.7+4 2:4+4]
     # 2. the measurements, one fresh process per case
     OMP_NUM_THREADS=2 python benchmarks/inference_memory.py run MODEL_DIR WORK_DIR [--dtype bfloat16] \\
-        [--tokens 128] [--json out.json]
+        [--tokens 128] [--repeats 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -107,7 +113,7 @@ def case(args: argparse.Namespace) -> None:
     base, base_anon = _kib("VmRSS"), _kib("RssAnon")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM (the peak) counts from here
     extra = {}
-    if args.mode in ("compact", "int4"):
+    if args.mode in ("compact", "int4", "sparse"):
         extra["quantization_config"] = optimum_sparsesched.SparseScheduleConfig(run_compressed=args.mode)
     dtype = getattr(torch, args.dtype)
     anon = AnonPeak()
@@ -141,32 +147,49 @@ def run(args: argparse.Namespace) -> None:
     folders = [(Path(args.model), "dense")]
     for row in args.rows:
         folder = work / row.replace(":", "of")
-        folders += [(folder, "decoded"), (folder, "compact")] + ([(folder, "int4")] if row.endswith("+4") else [])
-    rows = []
+        folders += [(folder, "decoded"), (folder, "compact"), (folder, "sparse")]
+        folders += [(folder, "int4")] if row.endswith("+4") else []
+    rows, runs = [], []
     for folder, mode in folders:
-        command = [sys.executable, __file__, "_case", str(folder), mode, "--dtype", args.dtype, "--tokens",
-                   str(args.tokens)]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if done.returncode != 0:
-            raise RuntimeError(f"{folder.name} {mode}: {done.stderr[-3000:]}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "generated"}), flush=True)
+        repeats = []
+        for _ in range(args.repeats):
+            command = [sys.executable, __file__, "_case", str(folder), mode, "--dtype", args.dtype, "--tokens",
+                       str(args.tokens)]
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if done.returncode != 0:
+                raise RuntimeError(f"{folder.name} {mode}: {done.stderr[-3000:]}")
+            repeats.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps({k: v for k, v in repeats[-1].items() if k != "generated"}), flush=True)
+        runs += repeats
+        rows.append(_median_row(repeats))
     dense = rows[0]
     print(f"\n| checkpoint | mode | decoder weights in memory | vs dense | peak load | peak load + generate | vs dense "
-          f"| anonymous peak | vs dense | tokens/s | vs dense | same tokens as decoded |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| range of the peak | anonymous peak | vs dense | tokens/s | vs dense | same tokens as decoded |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     decoded = {r["folder"]: r["generated"] for r in rows if r["mode"] == "decoded"}
     for r in rows:
         same = "-" if r["mode"] in ("dense", "decoded") else str(r["generated"] == decoded[r["folder"]])
         print(f"| {r['folder']} | {r['mode']} | {r['decoder_bytes'] / 2**20:.1f} MiB | "
               f"{r['decoder_bytes'] / dense['decoder_bytes']:.1%} | {r['load_peak_kib'] / 1024:.0f} MiB | "
               f"{r['peak_kib'] / 1024:.0f} MiB | {r['peak_kib'] / dense['peak_kib']:.1%} | "
+              f"{r['peak_min_kib'] / 1024:.0f}–{r['peak_max_kib'] / 1024:.0f} MiB | "
               f"{r['anon_peak_kib'] / 1024:.0f} MiB | {r['anon_peak_kib'] / dense['anon_peak_kib']:.1%} | "
               f"{r['tokens_per_s']:.2f} | {r['tokens_per_s'] / dense['tokens_per_s']:.2f}x | {same} |")
     if args.json:
-        write_result(args.json, {"dtype": args.dtype, "tokens": args.tokens, "rows": rows,
-                                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+        write_result(args.json, {"dtype": args.dtype, "tokens": args.tokens, "repeats": args.repeats, "rows": rows,
+                                 "runs": runs, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+
+
+def _median_row(repeats: list[dict]) -> dict:
+    """One case's figures over its repeated runs: the median of every number (the generated ids of the first run:
+    greedy decoding gives the same ids in every run), and the peak's range."""
+    row = dict(repeats[0])
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = statistics.median(r[key] for r in repeats)
+    row["peak_min_kib"] = min(r["peak_kib"] for r in repeats)
+    row["peak_max_kib"] = max(r["peak_kib"] for r in repeats)
+    return row
 
 
 def main() -> None:
@@ -183,9 +206,10 @@ def main() -> None:
         p.add_argument("--dtype", default="bfloat16")
         p.add_argument("--tokens", type=int, default=128)
         p.add_argument("--json", type=Path, default=None)
+        p.add_argument("--repeats", type=int, default=1, help="fresh processes per case (the table: medians)")
     c = sub.add_parser("_case")
     c.add_argument("folder")
-    c.add_argument("mode", choices=["dense", "decoded", "compact", "int4"])
+    c.add_argument("mode", choices=["dense", "decoded", "compact", "sparse", "int4"])
     c.add_argument("--dtype", default="bfloat16")
     c.add_argument("--tokens", type=int, default=128)
     args = ap.parse_args()

@@ -101,8 +101,8 @@ class SparseScheduleConfig(QuantizationConfigMixin):
         reconstruct_epochs, reconstruct_lr: epochs of block reconstruction after each block (Adam on the kept
             weights, mask fixed, toward the dense block's outputs; kept only when it lowers the block's error;
             :mod:`.obs.reconstruct`), 0 = off, and its learning rate (cosine decay).
-        run_compressed: a loading option (merged into a saved checkpoint's config): True/``"compact"``, compact
-            Linears decoded in their forward (:mod:`.formats.compressed_linear`); ``"int4"``: :mod:`.formats.int4_kernel`.
+        run_compressed: a loading option (merged into a saved checkpoint's config): True/``"compact"`` (decoded in
+            each forward, :mod:`.formats.compressed_linear`), ``"int4"`` or ``"sparse"`` (``.formats.*_kernel``).
         reconstruct_target: what the reconstruction fits: ``"dense"`` (each block's output in the dense model, a
             second stream of hidden states) or ``"local"`` (the dense block on the compressed inputs: no stream).
         results: what a run achieved (:class:`.results.CompressionResults`, or its dict as saved); empty before.

@@ -20,7 +20,7 @@ SCHEDULES = ("hessian", "uniform", "owl", "ramp")
 ERROR_METRICS = ("fisher", "kl-alone", "obs")
 SOLVERS = ("sparsegpt", "refit", "admm")
 #: ``run_compressed``'s layouts besides True (= "compact") and False
-RUN_COMPRESSED = ("compact", "int4")
+RUN_COMPRESSED = ("compact", "int4", "sparse")
 #: what a preset sets when ``solver`` / ``search_steps`` / ``reconstruct_epochs`` are not given (the search needs the
 #: ``hessian`` schedule; with another schedule a preset's search is off). Measured trade-offs: README, "Presets".
 PRESETS = {
@@ -73,7 +73,7 @@ CHECKS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("export_format", lambda v: v in EXPORT_FORMATS, " | ".join(map(repr, EXPORT_FORMATS))),
     ("group_size", lambda v: is_int(-1, -1)(v) or is_int(1)(v), "a positive integer or -1 (one grid per output channel)"),
     ("sym", lambda v: isinstance(v, bool), "True or False"),
-    ("run_compressed", lambda v: isinstance(v, bool) or v in RUN_COMPRESSED, "True, False, 'compact' or 'int4'"),
+    ("run_compressed", lambda v: isinstance(v, bool) or v in RUN_COMPRESSED, "True, False, 'compact', 'int4' or 'sparse'"),
     ("seq_len", is_int(1), "a positive integer"), ("block_size", is_int(1), "a positive integer"),
     ("num_samples", is_int(1, MAX_NUM_SAMPLES), f"a positive integer, at most {MAX_NUM_SAMPLES}: every window's "
      "activations are kept in memory (65536 × 2048 tokens at hidden size 4096: 1 TiB in bf16); SparseGPT used 128"),

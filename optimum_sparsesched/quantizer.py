@@ -42,8 +42,9 @@ from .formats.compact import REQUIRES_PLUGIN_KEY, SUFFIXES
 from .formats.compact_load import CompactDeserialize, check_all_loaded
 from .formats.encode import encoded_state_dict
 from .formats.metadata import check_weights_metadata, weights_metadata
-from .formats.run_compressed import (check_int4_kernel, compressed_linears, dequantize_model, encode_dense_modules,
-                                     replace_compact_modules, use_int4_kernels)
+from .formats.run_compressed import (check_int4_kernel, check_sparse_kernel, compressed_linears, dequantize_model,
+                                     encode_dense_modules, replace_compact_modules, use_int4_kernels,
+                                     use_sparse_kernels)
 from .formats.spec import ExportSpec
 from .pipeline.checkpoint_files import check_shapes, check_weight_files
 from .pipeline.offload import has_offloaded_weights
@@ -90,6 +91,8 @@ class SparseScheduleQuantizer(HfQuantizer):
             model._keys_to_ignore_on_load_unexpected = ignored | {re.escape(REQUIRES_PLUGIN_KEY)}
             if config.run_compressed == "int4":
                 check_int4_kernel(config.bits)
+            if config.run_compressed == "sparse":
+                check_sparse_kernel()
             if config.run_compressed:
                 replace_compact_modules(model, checkpoint_files or (), config.export_spec(),
                                         config.results.layer_sparsities)
@@ -107,6 +110,8 @@ class SparseScheduleQuantizer(HfQuantizer):
                                      config.results.grids)
             if config.run_compressed == "int4":
                 use_int4_kernels(model)
+            if config.run_compressed == "sparse":
+                use_sparse_kernels(model)
         install_save(model, source=None if self.pre_quantized else getattr(model, "name_or_path", None))
         return model
 

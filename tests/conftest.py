@@ -59,6 +59,20 @@ def round_to_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool):
     return w, (torch.cat(scales, 1), torch.cat(zeros, 1))
 
 
+def random_compact(rows: int, cols: int, bits, group_size: int, sym: bool, seed: int, dtype, density: float):
+    """A random ``[rows, cols]`` weight on ``bits``-bit grids (None: values in ``dtype``) with about ``density`` of
+    it kept, as compact tensors, and the weight :func:`.compact.decode_weight` rebuilds from them."""
+    from optimum_sparsesched.formats.compact import decode_weight, encode_weight
+
+    g = torch.Generator().manual_seed(seed)
+    w, grid = torch.randn(rows, cols, generator=g), None
+    if bits is not None:
+        w, grid = round_to_grid(w, bits, group_size, sym)
+    w[torch.rand(rows, cols, generator=g) >= density] = 0
+    tensors = encode_weight(w.to(dtype), grid, bits, group_size, sym)
+    return tensors, decode_weight(tensors, (rows, cols), dtype, bits, group_size, sym)[0]
+
+
 def load_run_compressed(folder, run_compressed=True, **kwargs):
     """``from_pretrained(folder, quantization_config=SparseScheduleConfig(run_compressed=...), **kwargs)``, without
     transformers' note that only the loading attributes of the passed config are used."""

@@ -120,3 +120,20 @@ def test_no_module_is_long():
     for path in PACKAGE.rglob("*.py"):
         lines = len(path.read_text(encoding="utf-8").splitlines())
         assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE).as_posix()}: {lines} lines (at most {MAX_LINES})"
+
+
+def test_every_data_file_of_the_package_is_installed():
+    """A file the package reads at run time (calibration text, the metric's script, the C source of the sparse
+    kernel) is in pyproject's package-data, so that a wheel carries it, not only an editable install."""
+    import fnmatch
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    globs = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = globs["optimum_sparsesched"]
+    data = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert data and "formats/sparse_kernel.c" in data
+    missing = [f for f in data if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"

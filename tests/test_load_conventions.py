@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from conftest import UNIFORM, load_run_compressed, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
 from optimum_sparsesched.cli import main
+from optimum_sparsesched.formats import sparse_kernel
 from optimum_sparsesched.formats.compact import decode_weight
 
 FAST = {**UNIFORM, "preset": "sparsegpt"}
@@ -125,6 +126,10 @@ def test_device_maps(device_map, checkpoints):
         assert torch.equal(model(ids).logits, expected)
     kernel = load_run_compressed(folder, run_compressed="int4", device_map=device_map)  # the same float32 weights
     torch.testing.assert_close(kernel(ids).logits, expected, rtol=1e-4, atol=1e-4)       # summed in another order
+    if sparse_kernel.unavailable_reason() is None:  # the compiled sparse kernel for a one-token step
+        fast = load_run_compressed(folder, run_compressed="sparse", device_map=device_map)
+        assert fast.device.type == "cpu" and torch.equal(fast(ids).logits, expected)
+        torch.testing.assert_close(fast(ids[:, :1]).logits, plain(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_generate_and_pipeline_after_import(checkpoints, tokenizer):
@@ -152,11 +157,12 @@ def test_cli_compress_in_bfloat16_then_eval_with_and_without_dtype(save_tiny, tm
     figures = {}
     for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "auto"], ["--dtype", "float16"],
                   ["--dtype", "bfloat16", "--run-compressed"], ["--run-compressed"], ["--run-compressed", "int4"],
-                  ["--dtype", "bfloat16", "--run-compressed", "int4"]):
+                  ["--dtype", "bfloat16", "--run-compressed", "int4"], ["--run-compressed", "sparse"]):
         assert main(["eval", str(out), "--seq-len", "64", "--max-windows", "2", "--json", *extra]) == 0, extra
         figures[" ".join(extra)] = json.loads(capsys.readouterr().out)["perplexity"]
     assert figures["--dtype bfloat16"] == figures["--dtype auto"] == figures["--dtype bfloat16 --run-compressed"]
-    assert figures[""] == figures["--run-compressed"]  # float32, decoded or kept compact
+    assert figures[""] == figures["--run-compressed"] == figures["--run-compressed sparse"]  # float32, decoded or
+    # kept compact (64-token windows: the sparse kernel's steps are decodes of up to 8 tokens)
     assert abs(figures["--run-compressed int4"] / figures[""] - 1) < 1e-4  # the same weights, another summation
     assert all(abs(v / figures[""] - 1) < 0.02 for v in figures.values()), figures
     assert main(["eval", str(src), "--run-compressed"]) == 2

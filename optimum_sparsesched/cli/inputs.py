@@ -207,7 +207,7 @@ def load_model(ref: str | None, dtype: str, say: Callable[[str], None], tokenize
     """``ref`` (a model folder or hub id; None: the embedded default) loaded in ``dtype`` (``"auto"``: the one it
     was saved in; float32 for the embedded model) with its tokenizer (``tokenizer``: another folder or hub id to read
     it from); with ``source``, checked as the source of a compression (:func:`.pipeline.source_check.check_source`);
-    with ``run_compressed`` (``"compact"``, ``"int4"``), a checkpoint this package compressed keeps its compressed
+    with ``run_compressed`` (``"compact"``, ``"int4"``, ``"sparse"``), a checkpoint this package compressed keeps its compressed
     Linears compressed in memory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -142,10 +142,11 @@ def build_parser(prog: str = "optimum-sparsesched") -> argparse.ArgumentParser:
     _task_options(e)
     e.add_argument("--dtype", default="float32", choices=(*DTYPES, "auto"), help="dtype the model is loaded in; auto: "
                    "the one it was saved in [float32]")
-    e.add_argument("--run-compressed", nargs="?", const="compact", default=False, choices=("compact", "int4"),
+    e.add_argument("--run-compressed", nargs="?", const="compact", default=False, choices=("compact", "int4", "sparse"),
                    help="keep the compressed Linears of a checkpoint this package saved compressed in memory: compact "
                    "(the default when given alone; decoded inside each forward: same outputs, least memory, slower) "
-                   "or int4 (4-bit checkpoints on the CPU: torch's int4 matmul, faster than compact) "
+                   "or int4 (4-bit checkpoints on the CPU: torch's int4 matmul, faster than compact) or sparse (compact, "
+                   "decoding steps on the CPU run by a C kernel compiled at load: fast and small; needs a C compiler) "
                    "[decoded at load]")
     e.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH", help="tokenizer folder or hub id [MODEL's own]")
     e.add_argument("--json", action="store_true", help="print the results as JSON")

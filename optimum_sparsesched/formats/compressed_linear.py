@@ -17,6 +17,10 @@ instead of ``weight_codes`` the code of every weight in the layout of torch's CP
 the kernel's scales (``int4_scale_zero``), both left out of the state dict; its forward is that kernel, without a
 decoded weight. Its checkpoint tensors are rebuilt from them for a save (:meth:`CompressedLinear.compact_tensors`).
 
+With ``run_compressed="sparse"`` (:meth:`CompressedLinear.use_sparse_kernel`, :mod:`.sparse_kernel`) the module keeps
+its compact tensors and runs inputs of a few rows on the CPU through the compiled sparse kernel, longer ones (and
+any needing a gradient, or on another device) through the decoding below.
+
 ``forward(x) = linear(x, W, bias)`` with ``W`` ``[rows, cols]`` decoded by :func:`.fast_decode.decode_into`, bit for
 bit :func:`.compact.decode_weight`'s (which a decoding load writes into the model). The matmul is the dense module's
 own (``F.linear``, or Conv1D's ``addmm`` on the contiguous transposed weight), so outputs equal the decoded model's bit
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..obs.grid import Grid
-from . import int4_kernel
+from . import int4_kernel, sparse_kernel
 from .compact import SUFFIXES, pack_codes, unpack_codes, unpack_mask
 from .fast_decode import DecodePlan, decode_into, dense_codes, scratch
 
@@ -51,6 +55,7 @@ class CompressedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym, self.transposed = bits, group_size, sym, transposed
         self.kernel_group: int | None = None  # the int4 kernel's group once :meth:`use_int4_kernel` ran
+        self.sparse_kernel = False  # :meth:`use_sparse_kernel` ran
         self.register_buffer("weight", torch.empty(0, dtype=dtype, device=tensors["weight_mask"].device))
         for suffix in SUFFIXES:
             if suffix in tensors:
@@ -97,6 +102,7 @@ class CompressedLinear(nn.Module):
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles leave out the decoder's per-device plan
         state = dict(self.__dict__)
         state.pop("_plan", None)
+        state.pop("_kernel_args", None)
         return state
 
     def compact_tensors(self) -> dict[str, torch.Tensor]:
@@ -163,6 +169,45 @@ class CompressedLinear(nn.Module):
         self._kernel_scale_zero()
         return True
 
+    def use_sparse_kernel(self) -> bool:
+        """``run_compressed="sparse"``: run inputs of up to :data:`.sparse_kernel.MAX_ROWS` rows on the CPU through
+        the compiled sparse kernel (the compact tensors unchanged). Returns False, changing nothing, for a module
+        held in the int4 kernel's layout or in a dtype the kernel does not compute (float64)."""
+        if self.kernel_group is not None or self.weight.dtype not in sparse_kernel.DTYPES:
+            return False
+        self.sparse_kernel = True
+        if self.weight_mask.device.type == "cpu":
+            self._prepared()  # at load: its temporaries freed before the model runs
+        return True
+
+    def _prepared(self) -> sparse_kernel.Prepared:
+        """The sparse kernel's arguments for this module, built again after a ``to()`` or a load replaced a
+        tensor."""
+        stored = [getattr(self, k, None) for k in ("weight_mask", "weight_values", "weight_codes", "weight_scale",
+                                                   "weight_zero")]
+        key = (self.weight.dtype, *(None if t is None else (t.data_ptr(), t.dtype, t.shape) for t in stored))
+        cached = self.__dict__.get("_kernel_args")
+        if cached is None or cached[0] != key:
+            starts = self._decode_plan().starts.view(-1).to(torch.int64)
+            mask, values, codes, scale, zero = stored
+            self.__dict__["_kernel_args"] = cached = (key, sparse_kernel.prepare(
+                mask, starts, self.in_features, self.weight.dtype, values, codes, self.bits, scale, zero,
+                self.group_size))
+        return cached[1]
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The sparse kernel's ``linear(x)``, or None when this input goes through the decoding instead (more rows
+        than the kernel takes, not on the CPU, or needing a gradient)."""
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if (not 1 <= rows <= sparse_kernel.MAX_ROWS or x.device.type != "cpu"
+                or self.weight_mask.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)
+                or self.weight.dtype not in sparse_kernel.DTYPES):
+            return None
+        y = sparse_kernel.run(self._prepared(), x.reshape(rows, self.in_features).to(torch.float32).contiguous())
+        if self.bias is not None:
+            y += self.bias.to(torch.float32)
+        return y.to(x.dtype).view(x.shape[:-1] + (self.out_features,))
+
     def _kernel_scale_zero(self) -> torch.Tensor:
         """The kernel's ``(S, Z)`` in the kernel dtype of the model dtype (:func:`.int4_kernel.kernel_dtype`), rebuilt
         from the grid after a ``model.to(dtype)`` that changes it."""
@@ -188,6 +233,10 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_group is not None:
             return self._kernel_forward(x)
+        if self.sparse_kernel:
+            y = self._sparse_forward(x)
+            if y is not None:
+                return y
         # the reused buffer only when autograd keeps no reference to the weight for a backward
         weight = self.decode(reuse=not (torch.is_grad_enabled() and x.requires_grad))
         if self.transposed:  # transformers' Conv1D.forward, on its [in, out] weight
@@ -215,5 +264,7 @@ class CompressedLinear(nn.Module):
         grid = f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}" if self.has_codes else "values"
         if self.kernel_group is not None:
             grid += f", int4_kernel_group={self.kernel_group}"
+        if self.sparse_kernel:
+            grid += ", sparse_kernel=True"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {grid}, "
                 f"bias={self.bias is not None}, compact_bytes={stored}")

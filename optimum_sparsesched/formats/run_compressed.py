@@ -17,6 +17,8 @@ A module the checkpoint stores densely (compact would not be smaller) stays an `
 
 ``run_compressed="int4"`` (a 4-bit checkpoint, on the CPU) then converts each 4-bit ``CompressedLinear`` to the layout
 of torch's int4 matmul (:func:`use_int4_kernels`, :mod:`.int4_kernel`): faster than decoding, larger than compact.
+``run_compressed="sparse"`` keeps the compact form and runs short inputs on the CPU through a kernel compiled at load
+(:func:`use_sparse_kernels`, :mod:`.sparse_kernel`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 from ..obs.grid import Grid
 from ..pipeline.host_memory import release_free_memory
 from ..pipeline.plan import weight_matrix
-from . import int4_kernel
+from . import int4_kernel, sparse_kernel
 from .compact import SUFFIXES, compact_module_tensors
 from .compressed_linear import CompressedLinear
 from .metadata import read_safetensors_header
@@ -121,6 +123,29 @@ def check_int4_kernel(bits: int | None) -> None:
     if not int4_kernel.kernel_available():
         raise ValueError(f"run_compressed='int4' needs torch's CPU int4 matmul, which torch {torch.__version__} lacks; "
                          "use run_compressed=True or 'compact'")
+
+
+def check_sparse_kernel() -> None:
+    """Before loading with ``run_compressed="sparse"``: the kernel builds here (:func:`.sparse_kernel.load`); else a
+    ``ValueError`` naming the option, the reason and the other values."""
+    reason = sparse_kernel.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"run_compressed='sparse' compiles a C kernel at load, which failed here: {reason}. Set CC "
+                         "to a C compiler, or use run_compressed=True or 'compact' (decoded inside each forward), "
+                         "'int4' (4-bit checkpoints) or False (decoded at load)")
+
+
+def use_sparse_kernels(model: nn.Module) -> list[str]:
+    """After a ``run_compressed="sparse"`` load: every ``CompressedLinear`` runs short CPU inputs through the sparse
+    kernel (:meth:`.compressed_linear.CompressedLinear.use_sparse_kernel`). Returns the names of the modules left
+    to the decoding (a warning names them)."""
+    left = [name for name, module in compressed_linears(model).items() if not module.use_sparse_kernel()]
+    release_free_memory()  # the arguments' temporaries (a few bytes per weight of each mask), given back
+    if left:
+        logger.warning("run_compressed='sparse': %d compressed Linears are decoded in their forward instead (the "
+                       "kernel computes float32, bfloat16 and float16 models); e.g. %s", len(left),
+                       ", ".join(left[:3]))
+    return left
 
 
 def use_int4_kernels(model: nn.Module) -> list[str]:

@@ -1,6 +1,7 @@
 """run_compressed: compressed Linears kept compact in memory, decoded inside their forward — equal to the decoded
 model bit for bit (unstructured, 2:4, INT4 with groups and per channel, sym and asym, INT8; Llama, OPT and GPT-2's
-Conv1D), through generate and the perplexity metric; saved again tensor for tensor through the one writer; refused
+Conv1D), through generate and the perplexity metric (and with run_compressed="sparse", its kernel's one-token steps
+within float32 rounding); saved again tensor for tensor through the one writer; refused
 when compressing."""
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import UNIFORM, load_run_compressed, round_to_grid, tiny_model
+from conftest import UNIFORM, load_run_compressed, random_compact, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress, compress_checkpoint
-from optimum_sparsesched.formats.compact import decode_weight, encode_weight
+from optimum_sparsesched.formats import sparse_kernel
 from optimum_sparsesched.formats.compressed_linear import CompressedLinear
 from optimum_sparsesched.formats.fast_decode import DECODE_CHUNK, DecodePlan, decode_into
 
@@ -39,13 +40,7 @@ CASES = [("llama", v) for v in VARIANTS] + [("opt", "int4-g24-asym"), ("opt", "v
        density=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]), chunk=st.sampled_from([1, 7, 50, DECODE_CHUNK]))
 def test_the_fast_decoder_writes_decode_weights_bits(rows, cols, bits, group_size, sym, seed, dtype, density,
                                                      chunk):
-    g = torch.Generator().manual_seed(seed)
-    w, grid = torch.randn(rows, cols, generator=g), None
-    if bits is not None:
-        w, grid = round_to_grid(w, bits, group_size, sym)
-    w[torch.rand(rows, cols, generator=g) >= density] = 0
-    tensors = encode_weight(w.to(dtype), grid, bits, group_size, sym)
-    expected, _ = decode_weight(tensors, (rows, cols), dtype, bits, group_size, sym)
+    tensors, expected = random_compact(rows, cols, bits, group_size, sym, seed, dtype, density)
     plan = DecodePlan.of(tensors["weight_mask"], cols, group_size if bits else None, chunk=chunk)
     assert len(plan.chunks) == (-(-rows // max(1, chunk // cols)) if chunk < DECODE_CHUNK else 1)
     assert plan.nnz == int((expected != 0).sum())
@@ -87,6 +82,11 @@ def test_run_compressed_equals_the_decoded_model(family, variant, saved, tmp_pat
     assert set(model.state_dict()) - tied == stored.keys() - {k for k in stored if k.startswith("sparse_schedule.")}
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
     assert torch.equal(model(ids).logits, decoded(ids).logits)
+    if sparse_kernel.unavailable_reason() is None:  # run_compressed="sparse": the kernel for one-token steps
+        fast = load_run_compressed(folder, run_compressed="sparse")
+        assert all(m.sparse_kernel for m in fast.modules() if isinstance(m, CompressedLinear))
+        assert torch.equal(fast(ids).logits, decoded(ids).logits)  # 24 tokens: decoded, bit for bit
+        torch.testing.assert_close(fast(ids[:, :1]).logits, decoded(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
     gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(ids[:1], **gen), decoded.generate(ids[:1], **gen))
     held = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.rpartition(".")[0] in kept)

@@ -109,7 +109,7 @@ def test_int4_is_refused_without_4_bit_codes_and_unknown_layouts_are_refused(tmp
     with pytest.raises(ValueError, match=r"run_compressed='int4'.*bits=None"):
         load_run_compressed(tmp_path / "values", run_compressed="int4")
     for bad in ("fast", 1, "INT4"):
-        with pytest.raises(ValueError, match=r"run_compressed.*'compact' or 'int4'"):
+        with pytest.raises(ValueError, match=r"run_compressed.*'compact', 'int4' or 'sparse'"):
             SparseScheduleConfig(run_compressed=bad)
     with pytest.raises(ValueError, match="run_compressed"):
         compress(tiny_model("llama"), SparseScheduleConfig(run_compressed="int4", **FAST), tokenizer=tokenizer)

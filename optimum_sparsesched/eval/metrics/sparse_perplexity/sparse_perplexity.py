@@ -26,7 +26,7 @@ Args:
     predictions (list[str]): the texts.
     model: a transformers causal LM object, or a model folder / hub id (loaded in float32).
     run_compressed (bool or str, False): with a path compressed by optimum-sparsesched, keep its compressed Linears
-        compressed in memory: True/"compact" or "int4" (SparseScheduleConfig(run_compressed=...)).
+        compressed in memory: True/"compact", "int4" or "sparse" (SparseScheduleConfig(run_compressed=...)).
     tokenizer: a tokenizer object or name/path (default: the model's path).
     protocol (str): "per-text" (default, the Hub `perplexity` metric's) or "sparsegpt".
     per-text: batch_size (int, 16), add_start_token (bool, True), max_length (int, default the model's positions).
