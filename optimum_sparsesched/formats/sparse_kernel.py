@@ -41,6 +41,10 @@ MAX_ROWS = 64
 _FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())
 
 
+#: the process that loaded each build (by the id of its ``sparse_linear``): only that one runs it on several threads
+_LOADED_IN: dict[int, int] = {}
+
+
 class KernelUnavailable(RuntimeError):
     """The kernel could not be built here (no C compiler, or it failed on the source)."""
 
@@ -78,6 +82,7 @@ def load(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         else:  # the last, plainest command's error
             raise KernelUnavailable(f"the C compiler failed on the kernel ({errors[-1]})")
         lib = ctypes.CDLL(str(library))  # stays mapped after the folder is removed
+        _LOADED_IN[id(lib.sparse_linear)] = os.getpid()  # (a ctypes function is not hashable)
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.sparse_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32, ptr, i32, ptr, ptr, i64, i32, ptr, ptr, i32]
     lib.sparse_linear.restype = i32
@@ -140,8 +145,10 @@ def run(prepared: Prepared, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sparse kernel: x must be float32 contiguous [n >= 1, {prepared.cols}], got "
                          f"{x.dtype} {tuple(x.shape)}")
     y = torch.empty(n, prepared.rows, dtype=torch.float32)
+    # OpenMP's thread pool does not survive a fork: a forked process (a DataLoader worker) runs the kernel serially
+    threads = max(1, torch.get_num_threads()) if os.getpid() == _LOADED_IN.get(id(prepared.function)) else 1
     status = prepared.function(prepared.rows, prepared.cols, n, *prepared.arguments, x.data_ptr(), y.data_ptr(),
-                               max(1, torch.get_num_threads()))
+                               threads)
     if status != 0:
         raise ValueError(f"sparse kernel: arguments refused (rows={prepared.rows}, cols={prepared.cols}, n={n}, "
                          f"arguments {prepared.arguments})")

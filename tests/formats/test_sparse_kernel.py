@@ -152,3 +152,29 @@ def test_no_compiler_is_refused_before_loading(cc, reason, monkeypatch):
     assert SparseScheduleConfig(run_compressed="sparse").run_compressed == "sparse"
     with pytest.raises(ValueError, match=r"run_compressed.*'compact', 'int4' or 'sparse'"):
         SparseScheduleConfig(run_compressed="sparse-kernel")
+
+
+def _forward_in_child(module, x, expected, queue):
+    queue.put(bool(torch.allclose(module(x).float(), expected, rtol=1e-5, atol=1e-5)))
+
+
+def test_a_forked_process_runs_the_kernel(monkeypatch):
+    """OpenMP's thread pool does not survive a fork: after the parent ran the kernel on 2 threads, a forked child
+    (a DataLoader worker, a multiprocessing pool) must run it (serially) instead of hanging."""
+    import multiprocessing
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    module, weight = compact_module(512, 256, torch.float32, 4, 64, False, 0.3, bias=False)  # big enough to thread
+    assert module.use_sparse_kernel()
+    x = torch.randn(1, 256)
+    expected = F.linear(x, weight)
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)  # the parent's pool now exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forward_in_child, args=(module, x, expected, queue))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked process hung in the kernel")
+    assert child.exitcode == 0 and queue.get(timeout=5)
