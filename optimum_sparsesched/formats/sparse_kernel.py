@@ -34,13 +34,12 @@ import torch
 SOURCE = Path(__file__).with_name("sparse_kernel.c")
 #: the model dtypes the kernel computes for (its ``F32``/``BF16``/``F16`` codes)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: the most input rows a module runs through the kernel; longer inputs are decoded (one decode per forward then
-#: costs less than the kernel's pass per 8 rows: measured crossover ~70 rows for a 1536×576 weight at 30% kept)
+#: the most input rows a module runs through the kernel; longer inputs are decoded. A 1536×576 weight at 30% kept,
+#: INT4, 2 threads: ~0.17 ms per pass of 8 rows, so 64 rows (~1.4 ms) cost about one decode (~1.5 ms), after which
+#: one decode and a matmul are cheaper
 MAX_ROWS = 64
 #: compiler flag sets tried in turn: the host's vector units and OpenMP, then without either
 _FLAG_SETS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())
-
-
 #: the process that loaded each build (by the id of its ``sparse_linear``): only that one runs it on several threads
 _LOADED_IN: dict[int, int] = {}
 
