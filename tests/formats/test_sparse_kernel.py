@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import UNIFORM, load_run_compressed, random_compact, round_to_grid, tiny_model
+from conftest import UNIFORM, load_run_compressed, random_compact, tiny_model
 from optimum_sparsesched import SparseScheduleConfig, compress
 from optimum_sparsesched.formats import sparse_kernel
-from optimum_sparsesched.formats.compact import encode_weight
 from optimum_sparsesched.formats.compressed_linear import CompressedLinear
 from optimum_sparsesched.formats.run_compressed import check_sparse_kernel
 
@@ -32,18 +31,10 @@ pytestmark = pytest.mark.skipif(sparse_kernel.unavailable_reason() is not None,
 
 def compact_module(rows, cols, dtype, bits=None, group_size=-1, sym=False, density=0.3, seed=0, bias=True):
     """A ``CompressedLinear`` of a random weight pruned to ``density`` (on a ``bits`` grid, or values in ``dtype``)
-    and its decoded weight in ``dtype``."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.05
-    grid = None
-    if bits is not None:
-        w, grid = round_to_grid(w, bits, group_size, sym)
-    w[torch.rand(rows, cols, generator=g) >= density] = 0
-    w = w.to(dtype)
-    tensors = encode_weight(w, grid, bits, group_size, sym)
-    b = torch.randn(rows, generator=g).to(dtype) if bias else None
-    module = CompressedLinear(cols, rows, tensors, dtype, bits, group_size, sym, bias=b)
-    return module, module.decode().clone()
+    and its weight as :func:`.compact.decode_weight` decodes it, in ``dtype``."""
+    tensors, weight = random_compact(rows, cols, bits, group_size, sym, seed, dtype, density)
+    b = torch.randn(rows, generator=torch.Generator().manual_seed(seed + 1)).to(dtype) if bias else None
+    return CompressedLinear(cols, rows, tensors, dtype, bits, group_size, sym, bias=b), weight
 
 
 CASES = [  # rows, cols, bits, group_size, sym, density
